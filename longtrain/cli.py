@@ -1,0 +1,49 @@
+"""The `longtrain` command line.
+
+Each subcommand lives in its own module under `longtrain/commands/` with `add_arguments(parser)` and
+`run(args) -> int`; this file only wires them up. Config errors exit with code 2 and a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import longtrain
+from longtrain.config import ConfigError
+
+# name -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("longtrain.commands.config", "print the resolved config as YAML"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longtrain",
+        description="Train long-context language models with JAX. Every config key can be overridden as key=value.",
+    )
+    parser.add_argument("--version", action="version", version=f"longtrain {longtrain.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ConfigError as e:
+        print(f"longtrain: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

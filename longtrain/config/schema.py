@@ -1,0 +1,191 @@
+"""The typed configuration tree.
+
+Every knob of longtrain lives here exactly once. Sections are frozen-free dataclasses so that tests and tools can
+build configs in code; `longtrain.config.loader` reads them from YAML with dotted overrides and validates them.
+
+Field constraints are declared next to the field with `knob(...)`: `ge`/`gt`/`le` bounds for numbers, and
+`Literal[...]` types for closed sets of choices. Cross-field rules live in `loader.check_cross_fields`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]
+
+
+def knob(default=dataclasses.MISSING, *, factory=None, ge=None, gt=None, le=None, help: str = ""):
+    """A dataclass field with optional numeric bounds, read by the validator."""
+    metadata = {"ge": ge, "gt": gt, "le": le, "help": help}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class RopeScalingConfig:
+    """RoPE scaling for long context, with the field names of Hugging Face `rope_scaling`."""
+
+    type: Literal["none", "linear", "dynamic", "yarn", "llama3"] = "none"
+    factor: float = knob(1.0, gt=0)
+    original_max_position_embeddings: int | None = knob(None, gt=0)
+    # llama3
+    low_freq_factor: float = knob(1.0, gt=0)
+    high_freq_factor: float = knob(4.0, gt=0)
+    # yarn
+    beta_fast: float = knob(32.0, gt=0)
+    beta_slow: float = knob(1.0, gt=0)
+    attention_factor: float | None = knob(None, gt=0)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Decoder architecture. Names follow Hugging Face config.json where one exists."""
+
+    architecture: Literal["llama", "mistral", "qwen2", "qwen3", "minimax"] = "llama"
+    vocab_size: int = knob(256, ge=1)
+    hidden_size: int = knob(64, ge=1)
+    intermediate_size: int = knob(128, ge=1)
+    num_layers: int = knob(2, ge=1)
+    num_heads: int = knob(4, ge=1)
+    num_kv_heads: int = knob(2, ge=1)
+    head_dim: int | None = knob(None, ge=1, help="defaults to hidden_size // num_heads")
+    max_position_embeddings: int = knob(131072, ge=1)
+    rope_theta: float = knob(10000.0, gt=0)
+    rope_scaling: RopeScalingConfig = knob(factory=RopeScalingConfig)
+    partial_rotary_factor: float = knob(1.0, gt=0, le=1)
+    rms_norm_eps: float = knob(1e-6, gt=0)
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = knob(None, ge=1)
+    # MiniMax-style hybrid: one entry per layer, "full_attention" (softmax) or "linear_attention" (lightning).
+    layer_types: list[str] | None = None
+    lightning_block_size: int = knob(64, ge=1)
+    num_experts: int = knob(1, ge=1)
+    experts_per_token: int = knob(1, ge=1)
+    # compute
+    dtype: Dtype = "float32"
+    param_dtype: Dtype = "float32"
+    attention_impl: Literal["auto", "reference", "xla", "pallas", "cudnn"] = "auto"
+    lightning_impl: Literal["auto", "reference", "scan", "xla", "pallas"] = "auto"
+    scan_layers: bool = False
+    remat: Literal["none", "full", "save_dots", "save_attention_output"] = "none"
+    init_std: float = knob(0.02, gt=0)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh and context parallelism. `-1` on one axis fills the remaining devices."""
+
+    data: int = knob(-1, ge=-1)
+    fsdp: int = knob(1, ge=-1)
+    context: int = knob(1, ge=-1)
+    tensor: int = knob(1, ge=-1)
+    context_strategy: Literal["auto", "ring", "token_ring", "all_gather", "ulysses", "ulysses_ring"] = "auto"
+    layout: Literal["contiguous", "zigzag", "striped"] = "zigzag"
+    ulysses_degree: int | None = knob(None, ge=1, help="inner Ulysses degree of the ulysses_ring hybrid")
+
+
+@dataclasses.dataclass
+class BalanceConfig:
+    """Variable-length balance scheduler (hybrid data/context parallelism per step)."""
+
+    enabled: bool = False
+    method: Literal["balanced", "static", "first_fit", "best_fit"] = "balanced"
+    capacity: int | None = knob(None, ge=1, help="tokens per rank; defaults to data.seq_len")
+    attention_coef: float = knob(1.0, ge=0)
+    linear_coef: float = knob(4096.0, ge=0)
+    comm_coef: float = knob(512.0, ge=0)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: Literal["synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture"] = "synthetic"
+    paths: list[str] = knob(factory=list, help="files or glob patterns")
+    weights: list[float] | None = None
+    text_field: str = "text"
+    tokenizer: str = knob("byte", help="'byte', a tokenizers JSON file, or a Hugging Face tokenizer folder")
+    add_bos: bool = False
+    add_eos: bool = True
+    seq_len: int = knob(256, ge=1)
+    batch_size: int = knob(8, ge=1, help="global rows per step")
+    split_long: bool = True
+    strict: bool = False
+    seed: int = 0
+    prefetch: int = knob(2, ge=0)
+    synthetic_task: Literal["passkey", "associative_recall", "mixed"] = "mixed"
+    eval_paths: list[str] = knob(factory=list)
+    balance: BalanceConfig = knob(factory=BalanceConfig)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = knob(3e-4, ge=0)
+    warmup_steps: int = knob(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = knob(0.1, ge=0, le=1)
+    weight_decay: float = knob(0.1, ge=0)
+    b1: float = knob(0.9, ge=0, le=1)
+    b2: float = knob(0.95, ge=0, le=1)
+    eps: float = knob(1e-8, gt=0)
+    grad_clip: float | None = knob(1.0, gt=0)
+    grad_accum: int = knob(1, ge=1)
+    z_loss: float = knob(0.0, ge=0)
+    mode: Literal["full", "seco", "spaco"] = "full"
+    chunk_size: int = knob(1024, ge=1)
+    spaco_keep_prob: float = knob(0.5, gt=0, le=1)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = knob(100, ge=1)
+    seed: int = 0
+    eval_every: int = knob(0, ge=0, help="0 disables eval")
+    eval_batches: int = knob(2, ge=1)
+    max_nonfinite_steps: int = knob(5, ge=1, help="stop after this many skipped NaN/inf steps in a row")
+    profile_steps: list[int] | None = None
+    output_dir: str = "runs/default"
+    export_hf: bool = False
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    dir: str | None = knob(None, help="defaults to <train.output_dir>/checkpoints")
+    every: int = knob(100, ge=1)
+    keep: int = knob(3, ge=1)
+    async_save: bool = True
+    resume: bool = True
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    every: int = knob(1, ge=1)
+    metrics_file: str | None = knob(None, help="defaults to <train.output_dir>/metrics.jsonl")
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = "longtrain"
+    wandb_run_name: str | None = None
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole experiment. `longtrain config CONFIG` prints it resolved."""
+
+    model: ModelConfig = knob(factory=ModelConfig)
+    mesh: MeshConfig = knob(factory=MeshConfig)
+    data: DataConfig = knob(factory=DataConfig)
+    optim: OptimConfig = knob(factory=OptimConfig)
+    train: TrainConfig = knob(factory=TrainConfig)
+    checkpoint: CheckpointConfig = knob(factory=CheckpointConfig)
+    logging: LoggingConfig = knob(factory=LoggingConfig)

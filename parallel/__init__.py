@@ -1,0 +1,1 @@
+"""Meshes, sharding rules and context-parallel attention (installed as `longtrain.parallel`)."""

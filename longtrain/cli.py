@@ -15,6 +15,8 @@ from longtrain.config import ConfigError
 # name -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("longtrain.commands.config", "print the resolved config as YAML"),
+    "import": ("longtrain.commands.import_hf", "import a Hugging Face model folder as a longtrain checkpoint"),
+    "export": ("longtrain.commands.export_hf", "export a longtrain checkpoint as a Hugging Face model folder"),
 }
 
 

@@ -6,25 +6,21 @@ visible key gives output 0 and lse = -inf, never NaN.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from longtrain.kernels.attention import masks
 
 
 def attention_mask(q_index, kv_index, q_segment_ids, kv_segment_ids, causal, sliding_window):
-    """Boolean mask [B, T, S]: True where query t may attend to key s."""
-    mask = jnp.ones((q_index.shape[0], q_index.shape[1], kv_index.shape[1]), bool)
-    qi, ki = q_index[:, :, None], kv_index[:, None, :]
-    if causal:
-        mask &= ki <= qi
-    if sliding_window is not None:
-        # a window of W keys: the query itself and W-1 before it (Mistral / HF convention)
-        mask &= (qi - ki) < sliding_window
-        if not causal:
-            mask &= (ki - qi) < sliding_window
-    if q_segment_ids is not None:
-        qs, ks = q_segment_ids[:, :, None], kv_segment_ids[:, None, :]
-        mask &= (qs == ks) & (qs != 0)
-    return mask
+    """Boolean mask [B, T, S]: True where query t may attend to key s (the same rule every kernel uses).
+
+    A window of W keys is the query itself and W-1 before it (Mistral / HF convention); without segment ids
+    every token is in one document.
+    """
+    if q_segment_ids is None:
+        q_segment_ids, kv_segment_ids = jnp.ones(q_index.shape, jnp.int32), jnp.ones(kv_index.shape, jnp.int32)
+    return masks.visible(q_index[:, :, None], kv_index[:, None, :], q_segment_ids[:, :, None],
+                         kv_segment_ids[:, None, :], causal, sliding_window)
 
 
 def attention_block_reference(q, k, v, *, q_index, kv_index, q_segment_ids=None, kv_segment_ids=None,
@@ -65,11 +61,8 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 def attention_reference(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, scale=None,
                         return_lse=False):
     """Self-attention over the whole sequence (q, k, v share the token axis when segment_ids are given)."""
-    B, T = q.shape[:2]
-    S = k.shape[1]
     # bottom-right aligned causality when T != S (a query block at the end of the keys)
-    q_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + (S - T), (B, T))
-    kv_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    q_index, kv_index = masks.self_attention_indices(q.shape[0], q.shape[1], k.shape[1])
     out, lse = attention_block_reference(
         q, k, v, q_index=q_index, kv_index=kv_index, q_segment_ids=segment_ids,
         kv_segment_ids=segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,

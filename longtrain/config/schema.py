@@ -69,6 +69,17 @@ class ModelConfig:
     lightning_block_size: int = knob(64, ge=1)
     num_experts: int = knob(1, ge=1)
     experts_per_token: int = knob(1, ge=1)
+    moe_impl: Literal["dense", "ragged"] = knob(
+        "ragged", help="MoE MLP: 'ragged' sorted dispatch (sparse FLOPs) or 'dense' all-experts einsum (tests)")
+    router_aux_loss_coef: float = knob(0.001, ge=0, help="MoE load-balancing loss weight (HF router_aux_loss_coef)")
+    # MiniMax residual factors (HF names): out = alpha * normed_input + beta * sublayer(normed_input)
+    full_attn_alpha_factor: float = 1.0
+    full_attn_beta_factor: float = 1.0
+    linear_attn_alpha_factor: float = 1.0
+    linear_attn_beta_factor: float = 1.0
+    mlp_alpha_factor: float = 1.0
+    mlp_beta_factor: float = 1.0
+    lightning_norm_eps: float = knob(1e-6, gt=0, help="eps of the RMSNorm over all heads after lightning attention")
     # compute
     dtype: Dtype = "float32"
     param_dtype: Dtype = "float32"
@@ -77,6 +88,10 @@ class ModelConfig:
     scan_layers: bool = False
     remat: Literal["none", "full", "save_dots", "save_attention_output"] = "none"
     init_std: float = knob(0.02, gt=0)
+    # special token ids, kept from an imported Hugging Face config so that export writes them back
+    bos_token_id: int | None = None
+    eos_token_id: list[int] | None = None
+    pad_token_id: int | None = None
 
     @property
     def resolved_head_dim(self) -> int:
@@ -94,6 +109,7 @@ class MeshConfig:
     context_strategy: Literal["auto", "ring", "token_ring", "all_gather", "ulysses", "ulysses_ring"] = "auto"
     layout: Literal["contiguous", "zigzag", "striped"] = "zigzag"
     ulysses_degree: int | None = knob(None, ge=1, help="inner Ulysses degree of the ulysses_ring hybrid")
+    lightning_variant: Literal["all_gather", "ring"] = "all_gather"  # state passing of lightning layers over context
 
 
 @dataclasses.dataclass
@@ -106,6 +122,12 @@ class BalanceConfig:
     attention_coef: float = knob(1.0, ge=0)
     linear_coef: float = knob(4096.0, ge=0)
     comm_coef: float = knob(512.0, ge=0)
+    comm_overlap: bool = knob(True, help="ring traffic hides behind attention compute (time = max, not sum)")
+    region_quantum: int | None = knob(None, ge=1, help="smallest split region, tokens; defaults to capacity // 64")
+    max_doc_len: int | None = knob(None, ge=1, help="longer documents are cut; defaults to the step budget "
+                                                    "fill * num_ranks * capacity")
+    fill: float = knob(0.98, gt=0, le=1, help="the loader fills each step to this fraction of ranks x capacity")
+    max_shapes: int = knob(8, ge=1, help="distinct (c, split region) programs per run (method=balanced)")
 
 
 @dataclasses.dataclass
@@ -124,6 +146,14 @@ class DataConfig:
     seed: int = 0
     prefetch: int = knob(2, ge=0)
     synthetic_task: Literal["passkey", "associative_recall", "mixed"] = "mixed"
+    synthetic_lengths: Literal["fixed", "uniform", "long_tail"] = knob(
+        "uniform", help="length law of synthetic examples, in [synthetic_min_len, synthetic_max_len]")
+    synthetic_min_len: int = knob(64, ge=1)
+    synthetic_max_len: int | None = knob(None, ge=1, help="defaults to seq_len")
+    bos_token: str | None = knob(None, help="BOS token string (tokenizers JSON / HF folder); HF default otherwise")
+    eos_token: str | None = knob(None, help="EOS token string (tokenizers JSON / HF folder); HF default otherwise")
+    max_doc_len: int | None = knob(None, ge=1, help="split_long cuts documents to this; defaults to seq_len")
+    pack_window: int = knob(16, ge=1, help="rows packed best-fit together (per process)")
     eval_paths: list[str] = knob(factory=list)
     balance: BalanceConfig = knob(factory=BalanceConfig)
 
@@ -156,6 +186,12 @@ class TrainConfig:
     profile_steps: list[int] | None = None
     output_dir: str = "runs/default"
     export_hf: bool = False
+    export_dir: str | None = knob(None, help="HF export folder; defaults to <train.output_dir>/hf")
+    init_from: str | None = knob(
+        None, help="fine-tune from these weights: a `longtrain import` folder (config.yaml + params/) or a Hugging "
+                   "Face model folder (config.json); model.* must describe the same model")
+    inject_nan_steps: list[int] | None = knob(
+        None, help="fault injection for tests: feed these (0-based) steps a NaN batch (loss_mask = NaN)")
 
 
 @dataclasses.dataclass

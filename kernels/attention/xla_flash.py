@@ -1,0 +1,228 @@
+"""Blockwise (flash) softmax attention in pure JAX: memory O(T*D), custom VJP that recomputes in backward.
+
+Forward: a scan over query blocks; for each, a loop over only the key blocks that can be visible (a span from
+per-block index/segment ranges, and a `lax.cond` that skips holes inside it) with an online softmax. Only
+`out` (fp32) and `lse` (fp32) are saved. Backward: a scan over key blocks; for each, a loop over the query
+blocks that can see it, accumulating dk/dv for the block and dq into one [B,T,H,D] fp32 buffer.
+
+GQA: q is viewed as [B, T, Hkv, rep, D]; query head h reads kv head h // rep, K/V are never repeated.
+All entry points take GLOBAL indices, so `attention()` and the ring strategies' `attention_block()` share it.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from longtrain.kernels.attention import masks
+
+DEFAULT_BLOCK = 512  # large blocks keep loop overhead low on CPU; memory stays O(block^2 + T*D)
+
+
+def _block_sizes(T, S, block_q, block_k):
+    bq = min(block_q or DEFAULT_BLOCK, masks.round_up(T, 8))
+    bk = min(block_k or DEFAULT_BLOCK, masks.round_up(S, 8))
+    return bq, bk
+
+
+def _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk):
+    """Pad tokens to block multiples and view q as [B, Tp, Hkv, rep, D]; padding gets segment 0."""
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    Tp, Sp = masks.round_up(T, bq), masks.round_up(S, bk)
+    q5 = masks.pad_tokens(q, Tp, 1).reshape(B, Tp, Hkv, Hq // Hkv, D)
+    k, v = masks.pad_tokens(k, Sp, 1), masks.pad_tokens(v, Sp, 1)
+    q_index, kv_index = masks.pad_tokens(q_index, Tp, 1, "edge"), masks.pad_tokens(kv_index, Sp, 1, "edge")
+    q_seg, kv_seg = masks.pad_tokens(q_seg, Tp, 1), masks.pad_tokens(kv_seg, Sp, 1)
+    return q5, k, v, q_index, kv_index, q_seg, kv_seg
+
+
+def _needed(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window):
+    return masks.block_pairs_needed(masks.block_ranges(q_index, q_seg, bq), masks.block_ranges(kv_index, kv_seg, bk),
+                                    causal, sliding_window)
+
+
+def _block_mask(qi_idx, qi_seg, kj_idx, kj_seg, causal, sliding_window):
+    """[B, 1, 1, bq, bk] visibility for the [B, Hkv, rep, bq, bk] logits."""
+    m = masks.visible(qi_idx[:, :, None], kj_idx[:, None, :], qi_seg[:, :, None], kj_seg[:, None, :], causal,
+                      sliding_window)
+    return m[:, None, None]
+
+
+def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_window, scale, bq, bk):
+    """(out fp32 [B,T,Hq,D], lse fp32 [B,Hq,T])."""
+    B, T, Hq, D = q.shape
+    q5, k, v, q_index, kv_index, q_seg, kv_seg = _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk)
+    Tp, Hkv, rep = q5.shape[1], q5.shape[2], q5.shape[3]
+    nq = Tp // bq
+    need = _needed(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
+    lo, hi = masks.needed_span(need)
+
+    def q_block(_, i):
+        qi = lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1)
+        qi_idx = lax.dynamic_slice_in_dim(q_index, i * bq, bq, axis=1)
+        qi_seg = lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
+
+        def attend(j, carry):
+            m, l, acc = carry
+            kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+            vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+            mask = _block_mask(qi_idx, qi_seg, lax.dynamic_slice_in_dim(kv_index, j * bk, bk, axis=1),
+                               lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1), causal, sliding_window)
+            s = jnp.einsum("bqgrd,bkgd->bgrqk", qi, kj, preferred_element_type=jnp.float32) * scale
+            s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked so far: keep exp() at 0, not NaN
+            alpha = jnp.exp(m - m_safe)
+            p = jnp.exp(s - m_safe[..., None])
+            pv = jnp.einsum("bgrqk,bkgd->bgrqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+        def maybe_attend(j, carry):
+            return lax.cond(need[i, j], attend, lambda _, c: c, j, carry)
+
+        init = (jnp.full((B, Hkv, rep, bq), -jnp.inf, jnp.float32), jnp.zeros((B, Hkv, rep, bq), jnp.float32),
+                jnp.zeros((B, Hkv, rep, bq, D), jnp.float32))
+        m, l, acc = lax.fori_loop(lo[i], hi[i], maybe_attend, init)
+        seen = l > 0
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        return None, (out, lse)
+
+    _, (out, lse) = lax.scan(q_block, None, jnp.arange(nq))
+    # out [nq, B, Hkv, rep, bq, D] -> [B, T, Hq, D]; lse [nq, B, Hkv, rep, bq] -> [B, Hq, T]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, Hq, D)[:, :T]
+    lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, Hq, Tp)[:, :, :T]
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_window, scale, bq, bk,
+              dlse=None):
+    """(dq, dk, dv) fp32 given out and lse (global, i.e. over all keys) and the output cotangent.
+
+    `dlse` (cotangent of lse, optional) enters as ds = p * (dp - (delta - dlse)), since d lse / d s = p.
+    """
+    B, T, Hq, D = q.shape
+    S = k.shape[1]
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32)
+    q5, k, v, q_index, kv_index, q_seg, kv_seg = _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk)
+    Tp, Sp, Hkv, rep = q5.shape[1], k.shape[1], q5.shape[2], q5.shape[3]
+    do5 = masks.pad_tokens(dout.astype(q.dtype), Tp, 1).reshape(B, Tp, Hkv, rep, D)
+    # rows without keys have lse -inf: give them +inf so exp(s - lse) = 0 instead of NaN
+    lse = masks.pad_tokens(jnp.where(jnp.isfinite(lse), lse, jnp.inf), Tp, 2).reshape(B, Hkv, rep, Tp)
+    delta = masks.pad_tokens(delta, Tp, 2).reshape(B, Hkv, rep, Tp)
+    need = _needed(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
+    lo, hi = masks.needed_span(need.T)
+
+    def kv_block(dq_acc, j):
+        kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+        vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        kj_idx = lax.dynamic_slice_in_dim(kv_index, j * bk, bk, axis=1)
+        kj_seg = lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1)
+
+        def grad_pair(i, carry):
+            dq_acc, dk, dv = carry
+            qi = lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1)
+            doi = lax.dynamic_slice_in_dim(do5, i * bq, bq, axis=1)
+            lse_i = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
+            delta_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+            mask = _block_mask(lax.dynamic_slice_in_dim(q_index, i * bq, bq, axis=1),
+                               lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1), kj_idx, kj_seg, causal,
+                               sliding_window)
+            s = jnp.einsum("bqgrd,bkgd->bgrqk", qi, kj, preferred_element_type=jnp.float32) * scale
+            p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+            dv = dv + jnp.einsum("bgrqk,bqgrd->bkgd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqgrd,bkgd->bgrqk", doi, vj, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_i[..., None]) * scale
+            dk = dk + jnp.einsum("bgrqk,bqgrd->bkgd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+            dq_i = jnp.einsum("bgrqk,bkgd->bqgrd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
+            dq_acc = lax.dynamic_update_slice_in_dim(
+                dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=1) + dq_i, i * bq, axis=1)
+            return dq_acc, dk, dv
+
+        def maybe_grad(i, carry):
+            return lax.cond(need[i, j], grad_pair, lambda _, c: c, i, carry)
+
+        zeros_kv = jnp.zeros((B, bk, Hkv, D), jnp.float32)
+        dq_acc, dk, dv = lax.fori_loop(lo[j], hi[j], maybe_grad, (dq_acc, zeros_kv, zeros_kv))
+        return dq_acc, (dk, dv)
+
+    dq, (dk, dv) = lax.scan(kv_block, jnp.zeros(q5.shape, jnp.float32), jnp.arange(Sp // bk))
+    dq = dq.reshape(B, Tp, Hq, D)[:, :T]
+    dk = dk.transpose(1, 0, 2, 3, 4).reshape(B, Sp, Hkv, D)[:, :S]
+    dv = dv.transpose(1, 0, 2, 3, 4).reshape(B, Sp, Hkv, D)[:, :S]
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, q_index, kv_index, q_seg, kv_seg, static):
+    return _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, **static._asdict())
+
+
+def _flash_fwd(q, k, v, q_index, kv_index, q_seg, kv_seg, static):
+    out, lse = _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, **static._asdict())
+    return (out, lse), (q, k, v, q_index, kv_index, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(static, residuals, cotangents):
+    q, k, v, q_index, kv_index, q_seg, kv_seg, out, lse = residuals
+    dout, dlse = cotangents
+    dq, dk, dv = _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, dlse=dlse,
+                           **static._asdict())
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+class _Static(tuple):
+    """Hashable static settings of one call (causal, sliding_window, scale, bq, bk)."""
+    _fields = ("causal", "sliding_window", "scale", "bq", "bk")
+
+    def __new__(cls, **kw):
+        return super().__new__(cls, tuple(kw[f] for f in cls._fields))
+
+    def _asdict(self):
+        return dict(zip(self._fields, self))
+
+
+def _defaults(q, k, q_seg, kv_seg, scale, block_q, block_k):
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    q_seg = jnp.ones((B, T), jnp.int32) if q_seg is None else q_seg.astype(jnp.int32)
+    kv_seg = jnp.ones((B, S), jnp.int32) if kv_seg is None else kv_seg.astype(jnp.int32)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return q_seg, kv_seg, scale, _block_sizes(T, S, block_q, block_k)
+
+
+def flash_attention_block(q, k, v, *, q_index, kv_index, q_segment_ids=None, kv_segment_ids=None, causal=True,
+                          sliding_window=None, scale=None, block_q=None, block_k=None):
+    """(out fp32 [B,T,Hq,D], lse fp32 [B,Hq,T]) of q against keys at GLOBAL indices; differentiable in both."""
+    q_seg, kv_seg, scale, (bq, bk) = _defaults(q, k, q_segment_ids, kv_segment_ids, scale, block_q, block_k)
+    static = _Static(causal=bool(causal), sliding_window=sliding_window, scale=scale, bq=bq, bk=bk)
+    return _flash(q, k, v, q_index.astype(jnp.int32), kv_index.astype(jnp.int32), q_seg, kv_seg, static)
+
+
+def flash_attention_block_bwd(q, k, v, out, lse, dout, *, q_index, kv_index, q_segment_ids=None,
+                              kv_segment_ids=None, causal=True, sliding_window=None, scale=None, block_q=None,
+                              block_k=None):
+    """(dq, dk, dv) fp32 of one key block given the GLOBAL out and lse, so per-block gradients sum exactly."""
+    q_seg, kv_seg, scale, (bq, bk) = _defaults(q, k, q_segment_ids, kv_segment_ids, scale, block_q, block_k)
+    return _backward(q, k, v, out, lse, dout, q_index.astype(jnp.int32), kv_index.astype(jnp.int32), q_seg, kv_seg,
+                     causal=bool(causal), sliding_window=sliding_window, scale=scale, bq=bq, bk=bk)
+
+
+def flash_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, scale=None, return_lse=False,
+                    block_q=None, block_k=None):
+    """Self-attention (queries bottom-right aligned to keys when T != S); out in q.dtype (, lse fp32 [B,Hq,T])."""
+    B, T = q.shape[:2]
+    q_index, kv_index = masks.self_attention_indices(B, T, k.shape[1])
+    out, lse = flash_attention_block(q, k, v, q_index=q_index, kv_index=kv_index, q_segment_ids=segment_ids,
+                                     kv_segment_ids=segment_ids, causal=causal, sliding_window=sliding_window,
+                                     scale=scale, block_q=block_q, block_k=block_k)
+    out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,144 @@
+"""Tokenized documents for the loader: sources -> this process's share -> seeded shuffle -> repeat -> tokenize.
+
+`document_dataset(data_config, ...)` is a grain `MapDataset` (random access, deterministic for a seed) whose items
+are `packing.Document`s, or `BadDoc`s for records that cannot be used (counted and skipped by the iterators
+through `BadDataLog`, or raised in strict mode).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import grain
+
+from longtrain.data import sources, synthetic
+from longtrain.data.packing import Document
+from longtrain.data.tokenizers import make_tokenizer
+
+log = logging.getLogger(__name__)
+_EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class BadDoc:
+    origin: str
+    error: str
+
+
+class Tokenize:
+    """Record (RawDoc / SyntheticDoc) -> Document with BOS/EOS, or BadDoc. Picklable, stateless."""
+
+    def __init__(self, tokenizer, add_bos: bool, add_eos: bool):
+        if add_bos and tokenizer.bos_id is None:
+            raise ValueError(f"data.add_bos=true but tokenizer {tokenizer.name!r} has no BOS; set data.bos_token")
+        if add_eos and tokenizer.eos_id is None:
+            raise ValueError(f"data.add_eos=true but tokenizer {tokenizer.name!r} has no EOS; set data.eos_token")
+        self.tokenizer, self.add_bos, self.add_eos = tokenizer, add_bos, add_eos
+
+    def __call__(self, record):
+        if isinstance(record, synthetic.SyntheticDoc):
+            ids, answer = [], []
+            for text, is_answer in record.segments:
+                piece = self.tokenizer.encode(text)
+                ids += piece
+                answer += [is_answer] * len(piece)
+        elif record.error is not None:
+            return BadDoc(record.origin, record.error)
+        else:
+            ids = self.tokenizer.encode(record.text)
+            answer = None
+        if not ids:
+            return BadDoc(record.origin, "empty document")
+        if self.add_bos:
+            ids = [self.tokenizer.bos_id] + ids
+            answer = None if answer is None else [False] + answer
+        if self.add_eos:
+            ids = ids + [self.tokenizer.eos_id]
+            answer = None if answer is None else answer + [False]
+        doc = Document.from_tokens(ids, answer)
+        doc.origin = record.origin
+        return doc
+
+
+def _file_dataset(patterns: list[str], kind: str | None, text_field: str, key: str) -> grain.MapDataset:
+    return grain.MapDataset.source(sources.open_files(sources.expand_paths(patterns, key), kind, text_field))
+
+
+def document_dataset(cfg, *, seed: int, process_index: int = 0, process_count: int = 1, seq_len: int | None = None,
+                     eval: bool = False) -> grain.MapDataset:
+    """Endless, shuffled, tokenized documents of this process's share (see the module docstring)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    seq_len = seq_len or cfg.seq_len
+    paths = cfg.eval_paths if eval else cfg.paths
+    if cfg.source == "synthetic" or (eval and not paths):
+        parts = [grain.MapDataset.source(synthetic.SyntheticSource(
+            cfg.synthetic_task, min_len=min(cfg.synthetic_min_len, cfg.synthetic_max_len or seq_len),
+            max_len=cfg.synthetic_max_len or seq_len, lengths=cfg.synthetic_lengths,
+            seed=seed + (_EVAL_SEED_OFFSET if eval else 0)))]
+        weights = None
+    elif cfg.source == "mixture":
+        key = "data.eval_paths" if eval else "data.paths"
+        parts = [_file_dataset([p], None, cfg.text_field, key) for p in paths]
+        weights = None if eval else cfg.weights
+    else:
+        key = "data.eval_paths" if eval else "data.paths"
+        parts = [_file_dataset(paths, cfg.source if cfg.source in sources.KINDS else None, cfg.text_field, key)]
+        weights = None
+    shuffle_seed = seed + (_EVAL_SEED_OFFSET if eval else 0)
+    shards = []
+    for k, part in enumerate(parts):
+        if len(part) < process_count:
+            raise ValueError(f"a data source has {len(part)} records, fewer than process_count={process_count}")
+        shard = part[process_index::process_count]
+        shards.append(shard.shuffle(seed=shuffle_seed + k).repeat(None))
+    docs = shards[0] if len(shards) == 1 else grain.MapDataset.mix(shards, weights)
+    tokenizer = make_tokenizer(cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token)
+    docs = docs.map(Tokenize(tokenizer, cfg.add_bos, cfg.add_eos))
+    # records per epoch of this share: a run of bad records that long means the data has nothing usable
+    docs.epoch_length = sum(len(part) // process_count + 1 for part in parts)
+    return docs
+
+
+class BadDataLog:
+    """Skipped records: a count per reason and the first offender ("file:line: reason"); strict mode raises.
+
+    `good()` marks a usable record; `max_run` bad records in a row (e.g. a whole epoch: a corpus with nothing
+    usable) raise instead of looping forever."""
+
+    def __init__(self, strict: bool, state: dict | None = None, max_run: int = 10_000):
+        self.strict, self.max_run, self.run = strict, max_run, 0
+        state = state or {"skipped": 0, "first_bad": None, "by_reason": {}}
+        self.skipped, self.first_bad = state["skipped"], state["first_bad"]
+        self.by_reason = dict(state["by_reason"])
+
+    def good(self) -> None:
+        self.run = 0
+
+    def record(self, bad: BadDoc) -> None:
+        if self.strict:
+            raise ValueError(f"bad record {bad.origin}: {bad.error} (data.strict=true; false skips and counts)")
+        self.run += 1
+        if self.run >= self.max_run:
+            raise ValueError(f"{self.run} bad records in a row (last {bad.origin}: {bad.error}; first "
+                             f"{self.first_bad}): the data has nothing usable")
+        self.skipped += 1
+        reason = bad.error.split(" (")[0]
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        if self.first_bad is None:
+            self.first_bad = f"{bad.origin}: {bad.error}"
+            log.warning("skipping bad record %s (further ones are only counted; see it.stats())", self.first_bad)
+
+    def state(self) -> dict:
+        return {"skipped": self.skipped, "first_bad": self.first_bad, "by_reason": dict(self.by_reason)}
+
+
+def pieces_of(doc: Document, max_doc_len: int, split_long: bool, bad: "BadDataLog | None") -> list[Document]:
+    """The document, cut at `max_doc_len` (split_long) or skipped as too long (logged in `bad` when given)."""
+    if len(doc) <= max_doc_len:
+        return [doc]
+    if split_long:
+        return doc.split(max_doc_len)
+    if bad is not None:
+        bad.record(BadDoc(doc.origin, f"too long ({len(doc)} tokens > max_doc_len={max_doc_len}, split_long=false)"))
+    return []

@@ -1,0 +1,141 @@
+"""Built-in synthetic long-context tasks (the default data): passkey retrieval and multi-query associative recall.
+
+Each example is a list of text segments, some marked as answers; it is generated from (seed, index) alone, so the
+source is random-access, deterministic and endless. Lengths (in characters, = tokens for the byte tokenizer) are
+drawn per example from `lengths`: "fixed" (always max_len), "uniform" in [min_len, max_len], or "long_tail" (a
+Pareto law clipped to [min_len, max_len], like real corpora: most examples short, a few very long).
+
+* passkey: a 5-digit key hidden at a random depth in filler text; the answer is the key after the question.
+* associative_recall: `key=value` pairs (4 letters = 4 digits) filling the context, then several queries
+  `key=` whose answers are the values (multi-query associative recall, MQAR).
+
+`score_answers(predicted_BT, batch)` scores a model's greedy predictions at the answer positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import string
+
+import numpy as np
+
+TASKS = ("passkey", "associative_recall", "mixed")
+LENGTH_LAWS = ("fixed", "uniform", "long_tail")
+_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticDoc:
+    segments: tuple[tuple[str, bool], ...]  # (text, is_answer)
+    origin: str
+    task: str
+
+    @property
+    def text(self) -> str:
+        return "".join(t for t, _ in self.segments)
+
+
+def _filler(n: int, offset: int) -> str:
+    reps = _FILLER * (n // len(_FILLER) + 2)
+    return reps[offset % len(_FILLER):][:n]
+
+
+def passkey(rng: np.random.Generator, length: int, origin: str) -> SyntheticDoc:
+    key = f"{int(rng.integers(10000, 100000))}"
+    head = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = " What is the pass key? The pass key is "
+    room = max(0, length - len(head) - len(needle) - len(question) - len(key))
+    before = int(rng.integers(0, room + 1))
+    text = head + _filler(before, 0) + needle + _filler(room - before, before) + question
+    return SyntheticDoc(((text, False), (key, True), (".", False)), origin, "passkey")
+
+
+def associative_recall(rng: np.random.Generator, length: int, origin: str, num_queries: int = 4) -> SyntheticDoc:
+    letters = np.array(list(string.ascii_lowercase))
+    pair_len = len("abcd=1234, ")
+    head = "Remember the values of these keys. "
+    query_len = num_queries * pair_len + len(" Queries: ")
+    num_pairs = max(num_queries, (length - len(head) - query_len) // pair_len)
+    keys: list[str] = []
+    seen: set[str] = set()
+    while len(keys) < num_pairs:
+        k = "".join(rng.choice(letters, 4))
+        if k not in seen:
+            seen.add(k)
+            keys.append(k)
+    values = [f"{int(v)}" for v in rng.integers(1000, 10000, num_pairs)]
+    context = head + ", ".join(f"{k}={v}" for k, v in zip(keys, values)) + ". Queries:"
+    segments: list[tuple[str, bool]] = [(context, False)]
+    for q in rng.choice(num_pairs, num_queries, replace=False):
+        segments.append((f" {keys[q]}=", False))
+        segments.append((values[q], True))
+        segments.append((",", False))
+    return SyntheticDoc(tuple(segments), origin, "associative_recall")
+
+
+class SyntheticSource:
+    """Endless random-access source of synthetic examples (`len` is a large number; grain repeats it anyway)."""
+
+    def __init__(self, task: str = "mixed", *, min_len: int = 64, max_len: int = 256, lengths: str = "uniform",
+                 seed: int = 0, size: int = 1 << 30, tail_alpha: float = 1.1):
+        if task not in TASKS:
+            raise ValueError(f"data.synthetic_task={task!r} is not one of {TASKS}")
+        if lengths not in LENGTH_LAWS:
+            raise ValueError(f"data.synthetic_lengths={lengths!r} is not one of {LENGTH_LAWS}")
+        if not 1 <= min_len <= max_len:
+            raise ValueError(f"synthetic lengths need 1 <= min_len ({min_len}) <= max_len ({max_len})")
+        self.task, self.min_len, self.max_len, self.lengths = task, min_len, max_len, lengths
+        self.seed, self.size, self.tail_alpha = seed, size, tail_alpha
+
+    def __len__(self) -> int:
+        return self.size
+
+    def length_of(self, rng: np.random.Generator) -> int:
+        if self.lengths == "fixed":
+            return self.max_len
+        if self.lengths == "uniform":
+            return int(rng.integers(self.min_len, self.max_len + 1))
+        return int(min(self.max_len, self.min_len * (1.0 + rng.pareto(self.tail_alpha))))
+
+    def __getitem__(self, i: int) -> SyntheticDoc:
+        rng = np.random.default_rng([self.seed, int(i)])
+        length = self.length_of(rng)
+        task = self.task if self.task != "mixed" else ("passkey", "associative_recall")[int(rng.integers(2))]
+        origin = f"synthetic:{task}:{i}"
+        return passkey(rng, length, origin) if task == "passkey" else associative_recall(rng, length, origin)
+
+
+def score_answers(predicted_BT, batch: dict) -> dict:
+    """Accuracy of greedy predictions (`argmax` of the logits, [B,T]) at the answer positions of an eval batch.
+
+    `batch["answer_mask"]` marks positions whose target is an answer token. Returns `token_accuracy` (over answer
+    tokens) and `exact_match` (fraction of documents, by (row, segment id), whose answer tokens are all right).
+    """
+    if "answer_mask" not in batch:
+        raise KeyError("score_answers: the batch has no 'answer_mask'; use a batch from make_eval_dataset")
+    pred = np.asarray(predicted_BT)
+    mask = np.asarray(batch["answer_mask"]) > 0
+    if pred.shape != mask.shape:
+        raise ValueError(f"score_answers: predictions {pred.shape} and answer_mask {mask.shape} differ in shape")
+    right = (pred == np.asarray(batch["targets"])) & mask
+    n = int(mask.sum())
+    docs = {}
+    seg = np.asarray(batch["segment_ids"])
+    for b, t in zip(*np.nonzero(mask)):
+        key = (int(b), int(seg[b, t]))
+        docs[key] = docs.get(key, True) and bool(right[b, t])
+    return {
+        "token_accuracy": float(right.sum() / n) if n else float("nan"),
+        "exact_match": float(np.mean(list(docs.values()))) if docs else float("nan"),
+        "num_answers": len(docs),
+    }
+
+
+def score_retrieval(predicted_BT, batch: dict) -> tuple[int, int]:
+    """(documents whose answers are all predicted right, documents with answers) in a batch: the trainer's
+    eval sums both over batches for `eval_retrieval_accuracy`. Batches without `answer_mask` count (0, 0)."""
+    if "answer_mask" not in batch:
+        return 0, 0
+    got = score_answers(predicted_BT, batch)
+    n = got["num_answers"]
+    return (round(got["exact_match"] * n) if n else 0), n

@@ -1,0 +1,11 @@
+"""The trainer: optimizer, train step, checkpoints, signals, metrics, progress and the training loop.
+
+Modules, one job each:
+  optim.py       AdamW with warmup + decay schedule, gradient clipping, weight-decay mask
+  step.py        the jitted train step (grad accumulation, global loss normalisation, NaN/inf skip)
+  checkpoint.py  orbax checkpoints (async, keep last K, resume, restore onto another mesh)
+  signals.py     SIGTERM/SIGINT -> finish the step, save, exit 0
+  metrics.py     FLOPs/MFU with a peak table, JSON-lines file, wandb
+  progress.py    rich progress bar on a TTY, plain lines otherwise
+  trainer.py     the loop that wires everything together
+"""

@@ -1,0 +1,237 @@
+"""The MiniMax hybrid decoder (transformers `MiniMaxForCausalLM`): lightning and softmax layers with MoE MLPs.
+
+Each layer (`config.layer_types[l]` = "linear_attention" -> lightning, "full_attention" -> softmax), with the
+residual taken AFTER the input norm, as transformers does:
+
+    h = rms(x);  x = alpha_attn * h + beta_attn * mixer(h)     # (linear|full)_attn_(alpha|beta)_factor
+    h = rms(x);  x = alpha_mlp * h + beta_mlp * moe(h)         # mlp_(alpha|beta)_factor
+
+then a final RMSNorm and the LM head. Softmax layers are `models/attention.py` (RoPE, GQA, optional sliding window);
+lightning layers are `models/lightning_block.py`; the MLP is `models/moe.py`.
+
+Params (nested dicts, `config.param_dtype`), every per-layer leaf stacked on a leading `layers` axis:
+    embed.embedding [V, E], final_norm.scale [E], lm_head.kernel [E, V] (absent when tied)
+    layers.input_norm.scale [L, E], layers.post_attn_norm.scale [L, E], layers.moe.* [L, ...] (moe.py)
+    layers.lightning.* [L_lin, ...] (lightning_block.py; the lightning layers in layer order; absent if none)
+    layers.attn.*      [L_full, ...] (attention.py; the softmax layers in layer order; absent if none)
+With `scan_layers`, `lax.scan` runs over the R = L / P repeats of the period P of `layer_types` (the smallest P
+dividing L with layer_types[l] == layer_types[l % P], e.g. P=8 for 7 lightning + 1 softmax): each stack is viewed
+as [R, per-period count, ...] (a free reshape), so the layout never depends on `scan_layers`.
+
+Chunk-wise (SeCO) caches, one per layer: softmax layers as `models/attention.py`; lightning layers
+`{"state": [B,H,D,D] fp32, "last_segment_id": [B]}`. A prefix state feeds this chunk's first run only where the
+chunk's first segment id equals `last_segment_id` (when that key is absent the document is taken to continue);
+`return_kv` gives this chunk's state at its last token and its last segment id, ready to be the next prefix.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longtrain.models import attention_site
+from longtrain.models.attention import apply_attention, attention_logical_axes, init_attention
+from longtrain.models.decoder import (check_prefix_rope, default_indices, embed_and_head_logical_axes,
+                                      init_embed_and_head, lm_head_weight)
+from longtrain.models.layer_stack import layer_slice, remat
+from longtrain.models.layers import dtype_of, embed, ones, rms_norm
+from longtrain.models.lightning_block import apply_lightning, init_lightning, lightning_logical_axes, lightning_slopes
+from longtrain.models.moe import init_moe, moe_logical_axes, moe_mlp
+from longtrain.models.rope import rope_cos_sin
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+__all__ = ["forward_hidden", "init", "layer_period", "lm_head_weight", "param_logical_axes", "resolved_layer_types"]
+
+
+def resolved_layer_types(config) -> list[str]:
+    """`config.layer_types`, or the transformers default (even layers softmax, odd layers lightning)."""
+    if config.layer_types is None:
+        return [FULL if (i + 1) % 2 else LINEAR for i in range(config.num_layers)]
+    return list(config.layer_types)
+
+
+def check_config(config) -> None:
+    if config.architecture != "minimax":
+        raise ValueError(f"models.minimax serves architecture 'minimax', not {config.architecture!r}")
+    types = resolved_layer_types(config)
+    if len(types) != config.num_layers:
+        raise ValueError(f"model.layer_types has {len(types)} entries but model.num_layers={config.num_layers}")
+    bad = sorted({t for t in types if t not in (LINEAR, FULL)})
+    if bad:
+        raise ValueError(f"model.layer_types has {bad}; minimax layers are {LINEAR!r} or {FULL!r}")
+    if not 1 <= config.experts_per_token <= config.num_experts:
+        raise ValueError(f"model.experts_per_token={config.experts_per_token} must be in "
+                         f"[1, model.num_experts={config.num_experts}]")
+    if config.num_heads % config.num_kv_heads:
+        raise ValueError(f"model.num_heads={config.num_heads} is not a multiple of "
+                         f"model.num_kv_heads={config.num_kv_heads} (GQA)")
+
+
+def layer_period(layer_types: list[str]) -> int:
+    """Smallest P dividing len(layer_types) such that the pattern repeats every P layers."""
+    L = len(layer_types)
+    for P in range(1, L + 1):
+        if L % P == 0 and all(layer_types[i] == layer_types[i % P] for i in range(L)):
+            return P
+    return L
+
+
+
+
+def index_within_type(layer_types: list[str]) -> list[int]:
+    """For each layer, its position in the stack of its own type (`layers.lightning` or `layers.attn`)."""
+    seen = {LINEAR: 0, FULL: 0}
+    out = []
+    for t in layer_types:
+        out.append(seen[t])
+        seen[t] += 1
+    return out
+
+
+def _mixer_key(layer_type: str) -> str:
+    return "lightning" if layer_type == LINEAR else "attn"
+
+
+# --------------------------------------------------------------------------------------------------- params
+def init(config, rng) -> dict:
+    check_config(config)
+    types = resolved_layer_types(config)
+    L, E, pdt = config.num_layers, config.hidden_size, config.param_dtype
+    r_outer, r_moe, r_lin, r_attn = jax.random.split(rng, 4)
+    params = init_embed_and_head(config, r_outer)
+    layers = {"input_norm": {"scale": ones((L, E), pdt)}, "post_attn_norm": {"scale": ones((L, E), pdt)},
+              "moe": jax.vmap(lambda r: init_moe(config, r))(jax.random.split(r_moe, L))}
+    for layer_type, r, init_fn in ((LINEAR, r_lin, init_lightning), (FULL, r_attn, init_attention)):
+        count = types.count(layer_type)
+        if count:
+            layers[_mixer_key(layer_type)] = jax.vmap(lambda r, f=init_fn: f(config, r))(jax.random.split(r, count))
+    params["layers"] = layers
+    return params
+
+
+def param_logical_axes(config) -> dict:
+    types = resolved_layer_types(config)
+    layer_axes = {"input_norm": {"scale": ("embed",)}, "post_attn_norm": {"scale": ("embed",)},
+                  "moe": moe_logical_axes()}
+    if LINEAR in types:
+        layer_axes["lightning"] = lightning_logical_axes()
+    if FULL in types:
+        layer_axes["attn"] = attention_logical_axes(config)
+    axes = embed_and_head_logical_axes(config)
+    axes["layers"] = jax.tree.map(lambda names: ("layers", *names), layer_axes,
+                                  is_leaf=lambda t: isinstance(t, tuple))
+    return axes
+
+
+# -------------------------------------------------------------------------------------------------- forward
+def _lightning_initial_state(prefix_l, segment_ids_BT):
+    """The carried state, zeroed in rows whose first token starts a new document (see module docstring)."""
+    if "state" not in prefix_l:
+        raise KeyError("kv_prefix entry of a lightning layer lacks 'state' [B,H,D,D]")
+    state = prefix_l["state"]
+    state = state.astype(jnp.promote_types(state.dtype, jnp.float32))  # fp32 at least (fp64 stays fp64)
+    if "last_segment_id" not in prefix_l:
+        return state
+    first_B = segment_ids_BT[:, 0] if segment_ids_BT is not None else jnp.ones(state.shape[:1], jnp.int32)
+    continues_B = prefix_l["last_segment_id"].astype(jnp.int32) == first_B
+    return jnp.where(continues_B[:, None, None, None], state, 0.0)
+
+
+def _make_layer_fn(config, layer_type: str, *, cos_sin, segment_ids, token_index, runtime, return_kv):
+    """layer(x, common_p, mixer_p, slope_H, prefix_l) -> (x, kv_l) for one layer of the given type."""
+    eps = config.rms_norm_eps
+    if layer_type == LINEAR:
+        alpha, beta = config.linear_attn_alpha_factor, config.linear_attn_beta_factor
+    else:
+        alpha, beta = config.full_attn_alpha_factor, config.full_attn_beta_factor
+
+    def layer(x_BTE, common_p, mixer_p, slope_H, prefix_l):
+        h_BTE = rms_norm(x_BTE, common_p["input_norm"]["scale"], eps)
+        kv = None
+        if layer_type == LINEAR:
+            init_state = None if prefix_l is None else _lightning_initial_state(prefix_l, segment_ids)
+            mixed = apply_lightning(config, mixer_p, h_BTE, slope_H=slope_H, segment_ids=segment_ids,
+                                    runtime=runtime, initial_state=init_state, return_state=return_kv)
+            if return_kv:
+                mixed, state = mixed
+                last_seg = (segment_ids[:, -1] if segment_ids is not None
+                            else jnp.ones(x_BTE.shape[:1], jnp.int32)).astype(jnp.int32)
+                kv = {"state": state, "last_segment_id": last_seg}
+        else:
+            mixed = apply_attention(config, mixer_p, h_BTE, cos_sin=cos_sin, segment_ids=segment_ids,
+                                    token_index=token_index, runtime=runtime, prefix_kv=prefix_l,
+                                    return_kv=return_kv, sliding_window=config.sliding_window)
+            if return_kv:
+                mixed, kv = mixed
+        # the residual is the NORMED input (transformers MiniMaxDecoderLayer), scaled by alpha
+        x_BTE = alpha * h_BTE + beta * mixed
+        h_BTE = rms_norm(x_BTE, common_p["post_attn_norm"]["scale"], eps)
+        moe_BTE = moe_mlp(config, common_p["moe"], h_BTE, runtime=runtime)
+        x_BTE = config.mlp_alpha_factor * h_BTE + config.mlp_beta_factor * moe_BTE
+        return runtime.constrain(x_BTE.astype(h_BTE.dtype), ("batch", "seq", "embed")), kv
+
+    return remat(layer, config.remat)
+
+
+def _split_common(layers):
+    return {k: layers[k] for k in ("input_norm", "post_attn_norm", "moe")}
+
+
+def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, runtime=None, token_index=None,
+                   kv_prefix=None, return_kv=False):
+    """tokens [B,T] -> final-norm hidden states [B,T,E] (and per-layer caches when `return_kv`)."""
+    check_config(config)
+    check_prefix_rope(config, kv_prefix, return_kv)
+    types = resolved_layer_types(config)
+    L, P = config.num_layers, layer_period(types)
+    R = L // P
+    if kv_prefix is not None and len(kv_prefix) != L:
+        raise ValueError(f"kv_prefix has {len(kv_prefix)} entries; the model has {L} layers (one cache per layer)")
+    runtime = attention_site.resolve_runtime(config, runtime)
+    positions, token_index = default_indices(tokens, positions, token_index)
+    x_BTE = embed(params["embed"]["embedding"], tokens, dtype=config.dtype)
+    x_BTE = runtime.constrain(x_BTE, ("batch", "seq", "embed"))
+    cos_sin = rope_cos_sin(config, positions, dtype_of(config.dtype))
+    layer_fns = {t: _make_layer_fn(config, t, cos_sin=cos_sin, segment_ids=segment_ids, token_index=token_index,
+                                   runtime=runtime, return_kv=return_kv) for t in set(types)}
+    within = index_within_type(types)
+    # decay slopes [L, H] (rows of softmax layers are unused zeros)
+    slopes_LH = np.zeros((L, config.num_heads), np.float32)
+    for l in range(L):
+        if types[l] == LINEAR:
+            slopes_LH[l] = lightning_slopes(config.num_heads, l, L)
+    layers = params["layers"]
+    common = _split_common(layers)
+
+    if not config.scan_layers:
+        kvs = []
+        for l, t in enumerate(types):
+            x_BTE, kv = layer_fns[t](x_BTE, layer_slice(common, l), layer_slice(layers[_mixer_key(t)], within[l]),
+                                     jnp.asarray(slopes_LH[l]), None if kv_prefix is None else kv_prefix[l])
+            kvs.append(kv)
+    else:
+        def per_repeat(stacked):  # [R * n, ...] -> [R, n, ...]
+            return jax.tree.map(lambda a: a.reshape(R, a.shape[0] // R, *a.shape[1:]), stacked)
+
+        mixers = {t: per_repeat(layers[_mixer_key(t)]) for t in set(types)}
+        prefix_P = None
+        if kv_prefix is not None:  # position j of the period -> caches of layers j, j+P, ... stacked over R
+            prefix_P = [jax.tree.map(lambda *a: jnp.stack(a), *kv_prefix[j::P]) for j in range(P)]
+
+        def body(x_BTE, xs):
+            common_g, mixers_g, slopes_PH, prefix_g = xs
+            kv_P = []
+            for j in range(P):
+                t = types[j]
+                x_BTE, kv = layer_fns[t](x_BTE, layer_slice(common_g, j), layer_slice(mixers_g[t], within[j]),
+                                         slopes_PH[j], None if prefix_g is None else prefix_g[j])
+                kv_P.append(kv)
+            return x_BTE, (kv_P if return_kv else None)
+
+        xs = (per_repeat(common), mixers, jnp.asarray(slopes_LH.reshape(R, P, -1)), prefix_P)
+        x_BTE, kv_RP = jax.lax.scan(body, x_BTE, xs)
+        kvs = [layer_slice(kv_RP[l % P], l // P) for l in range(L)] if return_kv else None
+
+    hidden_BTE = rms_norm(x_BTE, params["final_norm"]["scale"], config.rms_norm_eps)
+    return (hidden_BTE, kvs) if return_kv else hidden_BTE

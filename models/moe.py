@@ -1,0 +1,125 @@
+"""Mixture-of-experts SwiGLU MLP with top-k softmax routing (the MiniMax / Mixtral convention).
+
+Routing (as `transformers` MiniMaxTopKRouter): router logits in the compute dtype, softmax over experts in fp32,
+keep the top-k probabilities and renormalise them to sum to 1. Each chosen expert x computes
+`down_x(silu(gate_x h) * up_x h)`; the token's output is the weighted sum over its k experts. No capacity limit,
+so no token is ever dropped (the result equals the transformers loop exactly, up to fp rounding).
+
+Two implementations of the same function (`ModelConfig.moe_impl`):
+- `"dense"`: every expert runs on every token and the combine weights (zero off the top-k) select the result.
+  Simple and shard-friendly, but X/k times the FLOPs of the sparse layer and an activation of
+  B*T*X*I elements (e.g. 8 experts, I=14336, 32K tokens: 3.8G elements) -- meant for tests and tiny models.
+- `"ragged"`: sorted dispatch. The B*T*k (token, expert) assignments are sorted by expert, the tokens gathered
+  into that order ([B*T*k, E]), and each expert's contiguous group is multiplied by its weights with
+  `jax.lax.ragged_dot`; results are scattered back with the routing weight. On GPU/TPU `ragged_dot` lowers to a
+  grouped GEMM (`chlo.ragged_dot`): FLOPs are those of the sparse layer and activation memory is B*T*k*(E + 2I)
+  elements, independent of the expert count. On CPU, JAX lowers `ragged_dot` to a dense dot masked per group, so
+  there it costs k times the dense impl (use `"dense"` for CPU runs; both give the same function).
+
+Parameters (`config.param_dtype`), per layer: `router.kernel [E, X]`, `experts.gate [X, E, I]`,
+`experts.up [X, E, I]`, `experts.down [X, I, E]`. Matmuls run in `config.dtype` with fp32 accumulation; routing
+and combining in fp32 (fp64 when the model runs in fp64).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longtrain.models.layers import dense, dtype_of, normal_init
+
+MOE_IMPLS = ("dense", "ragged")
+
+
+def init_moe(config, rng) -> dict:
+    """Random MoE parameters (normal, std `config.init_std`, as transformers initialises MiniMax experts)."""
+    E, I, X = config.hidden_size, config.intermediate_size, config.num_experts
+    r_router, r_gate, r_up, r_down = jax.random.split(rng, 4)
+    std, pdt = config.init_std, config.param_dtype
+    return {
+        "router": {"kernel": normal_init(r_router, (E, X), std, pdt)},
+        "experts": {
+            "gate": normal_init(r_gate, (X, E, I), std, pdt),
+            "up": normal_init(r_up, (X, E, I), std, pdt),
+            "down": normal_init(r_down, (X, I, E), std, pdt),
+        },
+    }
+
+
+def moe_logical_axes() -> dict:
+    return {
+        "router": {"kernel": ("embed", None)},
+        "experts": {
+            "gate": ("experts", "embed", "mlp"),
+            "up": ("experts", "embed", "mlp"),
+            "down": ("experts", "mlp", "embed"),
+        },
+    }
+
+
+def _accum_dtype(dtype):
+    """fp32 for fp32/bf16/fp16 compute, fp64 for fp64 (the exactness tests run the model in fp64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def route(router_logits_NX, top_k: int):
+    """(top-k expert ids [N, k] int32, their renormalised weights [N, k] fp32) from router logits [N, X]."""
+    num_experts = router_logits_NX.shape[-1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"experts_per_token={top_k} must be in [1, num_experts={num_experts}]")
+    probs = jax.nn.softmax(router_logits_NX.astype(_accum_dtype(router_logits_NX.dtype)), axis=-1)
+    top_w, top_idx = jax.lax.top_k(probs, top_k)
+    top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    return top_idx.astype(jnp.int32), top_w
+
+
+def moe_mlp(config, params, x_BTE, *, runtime=None):
+    """The MoE layer: x [B, T, E] -> [B, T, E] in the compute dtype (`config.dtype`)."""
+    impl = config.moe_impl
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"model.moe_impl={impl!r} is not a MoE implementation; expected one of {MOE_IMPLS}")
+    cdt = dtype_of(config.dtype)
+    B, T, E = x_BTE.shape
+    x_NE = x_BTE.astype(cdt).reshape(B * T, E)
+    logits_NX = dense(x_NE, params["router"]["kernel"], dtype=config.dtype)
+    top_idx_NK, top_w_NK = route(logits_NX, config.experts_per_token)
+    gate, up, down = (params["experts"][n].astype(cdt) for n in ("gate", "up", "down"))
+    if impl == "dense":
+        out_NE = _dense_experts(x_NE, gate, up, down, top_idx_NK, top_w_NK)
+    else:
+        out_NE = _ragged_experts(x_NE, gate, up, down, top_idx_NK, top_w_NK)
+    out = out_NE.astype(cdt).reshape(B, T, E)
+    if runtime is not None:
+        out = runtime.constrain(out, ("batch", "seq", "embed"))
+    return out
+
+
+def _dense_experts(x_NE, gate_XEI, up_XEI, down_XIE, top_idx_NK, top_w_NK):
+    num_experts = gate_XEI.shape[0]
+    # combine weights [N, X]: the routing weight for chosen experts, 0 elsewhere
+    acc = _accum_dtype(x_NE.dtype)
+    combine_NX = jnp.sum(jax.nn.one_hot(top_idx_NK, num_experts, dtype=acc) * top_w_NK[..., None], axis=1)
+    # products in the compute dtype (XLA accumulates in fp32); an fp32 `preferred_element_type` here trips an
+    # unimplemented bf16 x bf16 -> f32 dot on the XLA CPU backend once fused into the model
+    g_NXI = jnp.einsum("ne,xei->nxi", x_NE, gate_XEI)
+    u_NXI = jnp.einsum("ne,xei->nxi", x_NE, up_XEI)
+    y_NXE = jnp.einsum("nxi,xie->nxe", jax.nn.silu(g_NXI) * u_NXI, down_XIE)
+    return jnp.einsum("nxe,nx->ne", y_NXE.astype(acc), combine_NX)
+
+
+def _ragged_experts(x_NE, gate_XEI, up_XEI, down_XIE, top_idx_NK, top_w_NK):
+    N, K = top_idx_NK.shape
+    num_experts = gate_XEI.shape[0]
+    expert_A = top_idx_NK.reshape(N * K)  # one row per (token, slot) assignment
+    order_A = jnp.argsort(expert_A, stable=True)  # assignments grouped by expert
+    token_A = order_A // K
+    group_sizes_X = jnp.bincount(expert_A, length=num_experts).astype(jnp.int32)
+    cdt, acc = x_NE.dtype, _accum_dtype(x_NE.dtype)
+
+    def grouped(lhs, rhs):  # each expert's contiguous row group times that expert's matrix
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes_X, preferred_element_type=acc).astype(cdt)
+
+    xs_AE = x_NE[token_A]
+    h_AI = jax.nn.silu(grouped(xs_AE, gate_XEI)) * grouped(xs_AE, up_XEI)
+    y_AE = grouped(h_AI, down_XIE).astype(acc)
+    y_AE = y_AE * top_w_NK.reshape(N * K)[order_A][:, None]
+    return jnp.zeros((N, x_NE.shape[1]), acc).at[token_A].add(y_AE)

@@ -1,0 +1,75 @@
+"""Synthetic long-context tasks: passkey and multi-query associative recall at any length, and their scoring."""
+import re
+
+import numpy as np
+import pytest
+
+from longtrain.data.documents import Tokenize
+from longtrain.data.synthetic import SyntheticSource, associative_recall, passkey, score_answers, score_retrieval
+from longtrain.data.tokenizers import ByteTokenizer
+
+
+@pytest.mark.parametrize("length", [200, 4096, 40_000])
+def test_passkey_hides_the_answer_at_any_length(length):
+    rng = np.random.default_rng(length)
+    doc = passkey(rng, length, "t")
+    text = doc.text
+    answer = "".join(t for t, is_answer in doc.segments if is_answer)
+    assert re.fullmatch(r"\d{5}", answer)
+    assert text.count(f"The pass key is {answer}. Remember it.") == 1  # the needle holds the answer
+    assert abs(len(text) - length) <= 2
+    assert text.endswith(f"The pass key is {answer}.")
+
+
+@pytest.mark.parametrize("length", [300, 8000])
+def test_associative_recall_answers_are_the_stored_values(length):
+    doc = associative_recall(np.random.default_rng(1), length, "t", num_queries=5)
+    context = doc.segments[0][0]
+    pairs = dict(re.findall(r"([a-z]{4})=(\d{4})", context))
+    queries = [(doc.segments[i][0].strip(" ="), doc.segments[i + 1][0]) for i in range(1, len(doc.segments), 3)]
+    assert len(queries) == 5 and all(doc.segments[i + 1][1] for i in range(1, len(doc.segments), 3))
+    for key, value in queries:
+        assert pairs[key] == value
+    assert abs(len(doc.text) - length) <= 12 or length < 400
+
+
+def test_source_is_deterministic_and_follows_the_length_law():
+    src = SyntheticSource("mixed", min_len=100, max_len=20_000, lengths="long_tail", seed=4)
+    again = SyntheticSource("mixed", min_len=100, max_len=20_000, lengths="long_tail", seed=4)
+    lengths = np.array([len(src[i].text) for i in range(300)])
+    assert [src[i].text for i in range(5)] == [again[i].text for i in range(5)]
+    assert {src[i].task for i in range(50)} == {"passkey", "associative_recall"}
+    assert np.median(lengths) < 600 and lengths.max() > 5000  # most short, a few long
+    with pytest.raises(ValueError, match="synthetic_task"):
+        SyntheticSource("copying")
+
+
+def _eval_batch(docs, T):
+    from longtrain.data.packing import best_fit_rows, pack_rows
+
+    return pack_rows(docs, best_fit_rows([len(d) for d in docs], T), T, answers=True)
+
+
+def test_score_answers_against_a_direct_count():
+    tok = Tokenize(ByteTokenizer(), False, True)
+    src = SyntheticSource("mixed", min_len=150, max_len=250, seed=2)
+    docs = [tok(src[i]) for i in range(8)]
+    batch = _eval_batch(docs, 512)
+    perfect = score_answers(batch["targets"], batch)
+    assert perfect == {"token_accuracy": 1.0, "exact_match": 1.0, "num_answers": 8}
+    # break one answer token of two documents: the oracle counts per document straight from the segments
+    pred = batch["targets"].copy()
+    rows, cols = np.nonzero(batch["answer_mask"])
+    broken = set()
+    for k in (0, len(rows) - 1):
+        pred[rows[k], cols[k]] += 1
+        broken.add((rows[k], batch["segment_ids"][rows[k], cols[k]]))
+    got = score_answers(pred, batch)
+    assert got["token_accuracy"] == pytest.approx(1 - 2 / len(rows))
+    assert got["exact_match"] == pytest.approx(1 - len(broken) / 8)
+    assert score_retrieval(pred, batch) == (8 - len(broken), 8)
+    # the answer mask sits on the positions that predict the answer characters
+    for r, c in zip(rows, cols):
+        assert chr(batch["targets"][r, c]).isdigit()
+    with pytest.raises(KeyError, match="answer_mask"):
+        score_answers(pred, {k: v for k, v in batch.items() if k != "answer_mask"})

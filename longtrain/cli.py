@@ -15,6 +15,8 @@ from longtrain.config import ConfigError
 # name -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("longtrain.commands.config", "print the resolved config as YAML"),
+    "train": ("longtrain.commands.train", "train a model from a config (resumes from the latest checkpoint)"),
+    "plan": ("longtrain.commands.plan", "compile the train step ahead of time: per-device memory and communication"),
     "import": ("longtrain.commands.import_hf", "import a Hugging Face model folder as a longtrain checkpoint"),
     "export": ("longtrain.commands.export_hf", "export a longtrain checkpoint as a Hugging Face model folder"),
 }
@@ -36,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops filling the `overrides` positional at the first flag; collect key=value tokens that come after
+    # flags too, so `longtrain train CFG --devices 8 optim.learning_rate=1e-3` works.
+    args, extra = parser.parse_known_args(argv)
+    stray = [t for t in extra if t.startswith("-") or "=" not in t or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
         return 0

@@ -31,18 +31,19 @@ def zeros(shape, param_dtype: str):
 
 def dense(x, kernel, bias=None, *, dtype: str, contract: int = 1):
     """`x[..., in...] @ kernel[in..., out...] (+ bias[out...])`, contracting the last `contract` dims of x with the
-    first `contract` dims of the kernel; fp32 accumulation, output in `dtype`."""
+    first `contract` dims of the kernel; fp32 accumulation (fp64 for an fp64 model), output in `dtype`."""
     cdt = dtype_of(dtype)
-    out = jnp.tensordot(x.astype(cdt), kernel.astype(cdt), axes=contract, preferred_element_type=jnp.float32)
+    acc = jnp.promote_types(cdt, jnp.float32)
+    out = jnp.tensordot(x.astype(cdt), kernel.astype(cdt), axes=contract, preferred_element_type=acc)
     if bias is not None:
-        out = out + bias.astype(jnp.float32)
+        out = out + bias.astype(acc)
     return out.astype(cdt)
 
 
 def rms_norm(x, scale, eps: float):
     """RMSNorm over the last axis, as `transformers` does it: normalise in fp32, cast back to the input dtype, then
     multiply by the weight (the product keeps the input dtype)."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # fp32, or fp64 for the fp64 oracles
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (scale.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
 

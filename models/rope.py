@@ -111,7 +111,8 @@ def rope_cos_sin(config, positions_BT, dtype):
     else:
         inv_freq_np, scaling = static_inv_freq(config)
         inv_freq = jnp.asarray(inv_freq_np)
-    freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    acc = jnp.promote_types(dtype, jnp.float32)  # fp32, or fp64 for the fp64 oracles
+    freqs_BTF = positions_BT.astype(acc)[..., None] * jnp.asarray(inv_freq).astype(acc)
     emb_BTR = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
     return (jnp.cos(emb_BTR) * scaling).astype(dtype), (jnp.sin(emb_BTR) * scaling).astype(dtype)
 

@@ -80,3 +80,12 @@ def test_local_launcher_sets_simulated_devices(repo_root, tmp_path):
     bad = subprocess.run(["bash", script, "--devices", "4", "config", config], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "4 devices" in bad.stderr  # data=2 x context=4 needs 8
+
+
+def test_overrides_may_follow_flags(repo_root, tmp_path):
+    path = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
+    out = run_cli("config", path, "--devices", "8", "optim.learning_rate=0.5", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["optim"]["learning_rate"] == 0.5
+    bad = run_cli("config", path, "--devices", "8", "--bogus", cwd=tmp_path)
+    assert bad.returncode == 2 and "--bogus" in bad.stderr

@@ -1,0 +1,128 @@
+"""Chunk-wise optimization: SeCO (exact) and SpaCO (sparse, unbiased) gradients for sequences far beyond
+activation memory (issue 8; algorithm and verification notes in shared/notes/lightning-seco-balance.md part B).
+
+    seco_grad(config, params, batch, chunk_size) -> (loss, grads)                exact, equal to jax.grad
+    spaco_grad(config, params, batch, chunk_size, keep_prob, rng) -> (loss, grads)   unbiased estimate
+    spaco_fixed_count_grad(config, params, batch, chunk_size, num_selected, rng)  the paper's estimator (BIASED)
+    chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights)        the engine, explicit weights
+    chunkwise_value_and_grad(config, params, batch, rng)                          dispatch on optim.mode
+    sequence_loss(config, params, batch)                                           full-sequence loss (mode full)
+
+`config` is either the full `longtrain.config.Config` (then z_loss comes from `optim.z_loss`, and a mesh with
+context parallelism is refused: chunk caches are single-device) or a bare `ModelConfig` (z_loss defaults to 0).
+The loss is always sum of masked token losses / number of target tokens of the WHOLE batch (never a mean of
+per-chunk means). Batches are DESIGN.md §3 dicts; `targets` and `loss_mask` are required.
+
+Data parallel / FSDP: every function is a pure jit-able function of (params, batch); shard them as usual and the
+chunk loop runs on the sharded arrays. Context parallelism: not supported (a clear error).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longtrain import models
+from longtrain.chunkwise.engine import ChunkProgram, forward_fill, reverse_accumulate
+from longtrain.chunkwise.layout import chunk_batch, check_batch, check_chunk_size, global_num_targets, num_chunks
+from longtrain.chunkwise.selection import bernoulli_weights, fixed_count_weights
+from longtrain.loss import lm_loss
+
+MODES = ("full", "seco", "spaco")
+
+
+def _model_and_z_loss(config, z_loss):
+    """(ModelConfig, z_loss) from a full Config or a ModelConfig; refuses context parallelism."""
+    from longtrain.config import Config, ModelConfig
+
+    if isinstance(config, Config):
+        if config.mesh.context != 1:
+            raise ValueError(f"chunk-wise training (SeCO/SpaCO) does not support context parallelism: "
+                             f"mesh.context={config.mesh.context}; set mesh.context=1 (data/FSDP sharding works) "
+                             f"or optim.mode=full")
+        return config.model, (config.optim.z_loss if z_loss is None else z_loss)
+    if isinstance(config, ModelConfig):
+        return config, (0.0 if z_loss is None else z_loss)
+    raise TypeError(f"config must be a longtrain.config.Config or ModelConfig; got {type(config).__name__}")
+
+
+def _acc_dtype(model_config):
+    return jnp.promote_types(jnp.dtype(model_config.dtype), jnp.float32)
+
+
+def sequence_loss(config, params, batch, *, z_loss=None, runtime=None):
+    """Full-sequence loss (mode `full`, and the SeCO oracle): masked token losses / number of target tokens."""
+    model_config, z_loss = _model_and_z_loss(config, z_loss)
+    check_batch(batch)
+    hidden = models.forward_hidden(model_config, params, batch["tokens"], positions=batch.get("positions"),
+                                   segment_ids=batch.get("segment_ids"), runtime=runtime)
+    mask = batch["loss_mask"].astype(_acc_dtype(model_config))
+    return lm_loss(hidden, models.lm_head_weight(model_config, params), batch["targets"], mask,
+                   num_targets=global_num_targets(mask), z_loss=z_loss)
+
+
+def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *, z_loss=None,
+                        loss_from_forward=False, kv_grad_dtype=None, grad_shardings=None):
+    """(loss, grads) where chunk i's local backward is scaled by `chunk_weights[i]` ([num_chunks] array; None = all
+    ones = SeCO, exact). A zero weight skips that chunk's recompute and backward (`lax.cond`). The weight multiplies
+    both the chunk's own loss and the cache cotangent it passes on, so a gradient path through chunks i1..in gets
+    w_i1...w_in. `loss_from_forward=True` computes the (exact) loss in the forward pass, needed when chunks are
+    skipped; otherwise the loss is the sum of the recomputed chunk losses. `kv_grad_dtype`: dtype of the K/V
+    cotangent accumulator (default fp32, or fp64 for fp64 models). `grad_shardings`: optional pytree like params
+    of shardings for the gradient accumulator (under FSDP pass the parameter shardings, else XLA may replicate it).
+    """
+    model_config, z_loss = _model_and_z_loss(config, z_loss)
+    cb = chunk_batch(batch, chunk_size, _acc_dtype(model_config))
+    if chunk_weights is not None and tuple(jnp.shape(chunk_weights)) != (cb.num_chunks,):
+        raise ValueError(f"chunk_weights must have shape [num_chunks]=({cb.num_chunks},); got "
+                         f"{tuple(jnp.shape(chunk_weights))}")
+    prog = ChunkProgram(model_config, params, cb, z_loss=float(z_loss), kv_grad_dtype=kv_grad_dtype)
+    buffers, entering, forward_loss = forward_fill(prog, params, with_loss=loss_from_forward)
+    recomputed_loss, grads = reverse_accumulate(prog, params, buffers, entering, chunk_weights, grad_shardings)
+    return (forward_loss if loss_from_forward else recomputed_loss), grads
+
+
+def seco_grad(config, params, batch, chunk_size, **options):
+    """Exact (loss, grads) of the full-sequence loss, computed chunk by chunk (SeCO). Memory: the per-layer K/V
+    (or lightning state) caches and their cotangents, O(T), plus one chunk's activations. `options`: z_loss,
+    kv_grad_dtype, grad_shardings (see `chunk_weighted_grad`)."""
+    return chunk_weighted_grad(config, params, batch, chunk_size, None, **options)
+
+
+def spaco_grad(config, params, batch, chunk_size, keep_prob, rng, **options):
+    """SpaCO with independent Bernoulli(keep_prob) chunk selection and 1/keep_prob per hop: an exactly UNBIASED
+    estimate of the SeCO/full gradient. Dropped chunks (the last one included, same rule) skip their recompute and
+    backward. The returned loss is exact (computed in the forward pass)."""
+    cb_len = check_batch(batch)[1]
+    weights = bernoulli_weights(rng, num_chunks(cb_len, chunk_size), keep_prob)
+    return chunk_weighted_grad(config, params, batch, chunk_size, weights, loss_from_forward=True, **options)
+
+
+def spaco_fixed_count_grad(config, params, batch, chunk_size, num_selected, rng, **options):
+    """The published SpaCO estimator: exactly `num_selected` of the k chunks, chosen uniformly, each scaled by
+    k/num_selected per hop. BIASED: a path through n chunks survives with probability t(t-1).../(k(k-1)...), not
+    (t/k)^n, so E[grads] != the exact gradient (tests measure it). For comparison only; use `spaco_grad`."""
+    cb_len = check_batch(batch)[1]
+    weights = fixed_count_weights(rng, num_chunks(cb_len, chunk_size), num_selected)
+    return chunk_weighted_grad(config, params, batch, chunk_size, weights, loss_from_forward=True, **options)
+
+
+def chunkwise_value_and_grad(config, params, batch, rng=None, *, grad_shardings=None):
+    """The trainer's single call: (loss, grads) by `config.optim.mode` (full | seco | spaco), using
+    `optim.chunk_size`, `optim.spaco_keep_prob` and `optim.z_loss`. `config` is the full Config; `rng` is only
+    used by spaco; `grad_shardings` (optional, pytree like params) keeps the seco/spaco gradient accumulator sharded
+    like the parameters under FSDP."""
+    mode = config.optim.mode
+    if mode == "full":
+        return jax.value_and_grad(lambda p: sequence_loss(config, p, batch))(params)
+    if mode == "seco":
+        return seco_grad(config, params, batch, config.optim.chunk_size, grad_shardings=grad_shardings)
+    if mode == "spaco":
+        if rng is None:
+            raise ValueError("optim.mode='spaco' needs an rng key (chunkwise_value_and_grad(..., rng=key))")
+        return spaco_grad(config, params, batch, config.optim.chunk_size, config.optim.spaco_keep_prob, rng,
+                          grad_shardings=grad_shardings)
+    raise ValueError(f"optim.mode={mode!r} is not a training mode; expected one of {MODES}")
+
+
+__all__ = ["MODES", "check_chunk_size", "chunk_weighted_grad", "chunkwise_value_and_grad", "num_chunks",
+           "seco_grad", "sequence_loss", "spaco_fixed_count_grad", "spaco_grad"]

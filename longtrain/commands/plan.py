@@ -1,0 +1,138 @@
+"""`longtrain plan CONFIG [key=value ...] [--devices N] [--memory-limit 80GiB]`: compile the train step for the
+configured mesh ahead of time, without data and without running it, and print per-device memory (parameters,
+optimizer state, temporaries) and the bytes each device sends per step by collective.
+
+On a laptop, `--devices N` simulates N CPU devices (the command re-executes itself with XLA_FLAGS set), so a user
+can check an 8B model at 128K tokens on 8 GPUs before booking them. Memory comes from XLA's compiled memory
+analysis for the host platform; the collectives from the compiled HLO with loop trip counts. Exit 1 (with the
+numbers) when the per-device total exceeds --memory-limit. `--lower-for cuda|tpu` also lowers the step for that
+platform (no compile), which catches kernels or collectives that have no lowering there.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+from longtrain.commands.config import add_config_arguments
+from longtrain.train.process_env import add_process_arguments, init_distributed, simulate_devices
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '512MiB', '1e10' -> bytes."""
+    from longtrain.config import ConfigError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--memory-limit={text!r} is not a size; use e.g. 80GiB, 40GB, 512MiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    add_process_arguments(parser)
+    parser.add_argument("--memory-limit", default=None, help="per-device memory to fit in, e.g. 80GiB")
+    parser.add_argument("--lower-for", choices=["cuda", "tpu"], default=None,
+                        help="also lower the train step for this platform from this machine (checks that every "
+                             "kernel and collective has a lowering there; no compile, so no temp-memory numbers)")
+
+
+def plan(config) -> dict:
+    """Compile the train step for `config` on the visible devices; -> report dict (bytes per device)."""
+    import jax
+
+    from longtrain.train.hlo_comm import collective_bytes
+    from longtrain.train.program import build_program, per_device_bytes
+    from longtrain.train.setup import build_session
+
+    session = build_session(config, with_data=False)
+    program = build_program(config, session)
+    t0 = time.perf_counter()
+    compiled = program.train_step.lower(program.abstract_state, session.abstract_batch()).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    params = per_device_bytes(program.abstract_state["params"])
+    opt = per_device_bytes(program.abstract_state["opt_state"])
+    args = int(mem.argument_size_in_bytes)
+    outs = int(mem.output_size_in_bytes)
+    alias = int(mem.alias_size_in_bytes)
+    temp = int(mem.temp_size_in_bytes)
+    return {
+        "mesh": dict(session.mesh.shape),
+        "devices": jax.device_count(),
+        "params": params,
+        "optimizer": opt,
+        "batch_and_other_args": args - params - opt - per_device_bytes(
+            {k: program.abstract_state[k] for k in ("step", "rng", "nonfinite_run", "nonfinite_total")}),
+        "temp": temp,
+        "outputs_not_aliased": max(outs - alias, 0),
+        "total": args + max(outs - alias, 0) + temp,
+        "collectives": collective_bytes(compiled.as_text(), jax.device_count()),
+        "compile_s": compile_s,
+    }
+
+
+def lower_for(config, platform: str) -> int:
+    """Lower (not compile) the train step for `platform` on the simulated mesh; -> size of the lowered module."""
+    from longtrain.train.program import build_program
+    from longtrain.train.setup import build_session
+
+    session = build_session(config, with_data=False)
+    program = build_program(config, session)
+    lowered = program.train_step.trace(program.abstract_state, session.abstract_batch()).lower(
+        lowering_platforms=(platform,))
+    return len(lowered.as_text())
+
+
+def print_report(config, report: dict, out=sys.stdout) -> None:
+    m = config.mesh
+    mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
+    print(f"plan: {report['devices']} devices, mesh {mesh}, context strategy {m.context_strategy}, layout "
+          f"{m.layout}; compiled in {report['compile_s']:.1f}s", file=out)
+    print(f"  sequence {config.data.seq_len} tokens x {config.data.batch_size} rows, "
+          f"optim.mode={config.optim.mode}, model.remat={config.model.remat}", file=out)
+    print("per-device memory:", file=out)
+    for key in ("params", "optimizer", "batch_and_other_args", "temp", "outputs_not_aliased", "total"):
+        print(f"  {key:<22}{fmt_bytes(report[key]):>14}", file=out)
+    print("communication per step, bytes sent per device:", file=out)
+    for op, n in report["collectives"].items():
+        print(f"  {op:<22}{fmt_bytes(n):>14}", file=out)
+    print(f"  {'total':<22}{fmt_bytes(sum(report['collectives'].values())):>14}", file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    simulate_devices(args.devices)
+    init_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed_auto)
+    import jax
+
+    from longtrain.config import load_config
+
+    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    config = load_config(args.config, args.overrides, num_devices=jax.device_count())
+    report = plan(config)
+    print_report(config, report)
+    if args.lower_for:
+        t0 = time.perf_counter()
+        size = lower_for(config, args.lower_for)
+        print(f"lowered the train step for {args.lower_for} in {time.perf_counter() - t0:.1f}s "
+              f"({size / 2**20:.1f} MiB of StableHLO): every op has a {args.lower_for} lowering")
+    if limit is not None and report["total"] > limit:
+        print(f"longtrain plan: does NOT fit: needs {fmt_bytes(report['total'])} per device (params "
+              f"{fmt_bytes(report['params'])}, optimizer {fmt_bytes(report['optimizer'])}, temp "
+              f"{fmt_bytes(report['temp'])}) > --memory-limit {args.memory_limit} ({fmt_bytes(limit)})",
+              file=sys.stderr)
+        return 1
+    if limit is not None:
+        print(f"fits: {fmt_bytes(report['total'])} <= {fmt_bytes(limit)} per device")
+    return 0

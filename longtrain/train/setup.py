@@ -1,0 +1,142 @@
+"""Everything the loop needs that comes from other parts of longtrain, built from the config in one place:
+mesh + runtime (`longtrain.parallel`), the data iterators (`longtrain.data`), parameter shardings from the
+models' logical axes, batch placement across processes, the synthetic task's scorer and the HF export.
+
+`build_session(config, with_data=True)` validates in the order a user wants: config rules and the mesh first,
+then the data sources (a missing path fails here, before anything is compiled).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from longtrain.config import Config, ConfigError, resolve_mesh_shape
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+
+
+@dataclasses.dataclass
+class Session:
+    config: Config
+    mesh: jax.sharding.Mesh
+    runtime: Any                     # None -> models use their LocalRuntime (one device)
+    logical_axes: Any
+    param_shardings: Any
+    dataset: Any = None              # iterator of host batches with get_state()/set_state()
+    eval_dataset_factory: Callable[[], Any] | None = None
+    score_fn: Callable[[np.ndarray, dict], dict] | None = None  # data.score_answers for the synthetic task
+    layout_perm: np.ndarray | None = None  # layout position -> natural token index (zigzag/striped context)
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        from longtrain import parallel
+
+        return parallel.batch_sharding(self.mesh)  # rows over data x fsdp, sequence over context
+
+    def init_params(self, key):
+        from longtrain import models
+
+        return models.init(self.config.model, key)
+
+    def state_shardings(self, optimizer: optax.GradientTransformation, abstract_params: Any) -> dict:
+        """Shardings of the train state: optimizer moments like their parameters, counters replicated."""
+        replicated = NamedSharding(self.mesh, P())
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
+                                    transform_non_params=lambda _: replicated)
+        return {"params": self.param_shardings, "opt_state": opt, "step": replicated, "rng": replicated,
+                "nonfinite_run": replicated, "nonfinite_total": replicated}
+
+    def put_batch(self, host_batch: dict) -> dict:
+        """Global host batch (numpy [B, T], natural token order) -> sharded device arrays in the mesh's sequence
+        layout. Every process holds the same global batch and hands each of its devices only that device's block,
+        so N processes compute exactly what one process with all devices computes."""
+        missing = [k for k in BATCH_KEYS if k not in host_batch]
+        if missing:
+            raise KeyError(f"data batch lacks {missing}; a batch needs {BATCH_KEYS}")
+        sharding = self.batch_sharding
+        out = {}
+        for k in BATCH_KEYS:
+            x = np.asarray(host_batch[k])
+            if self.layout_perm is not None:
+                x = x[:, self.layout_perm]
+            out[k] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+        return out
+
+    def abstract_batch(self) -> dict:
+        d = self.config.data
+        dtypes = {"loss_mask": jnp.float32}
+        return {k: jax.ShapeDtypeStruct((d.batch_size, d.seq_len), dtypes.get(k, jnp.int32),
+                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+    def make_eval_dataset(self):
+        if self.eval_dataset_factory is None:
+            raise ConfigError("train.eval_every > 0 needs an eval data set, but none was built")
+        return self.eval_dataset_factory()
+
+    def export_hf(self, params: Any) -> str:
+        from longtrain.hf import export_hf
+
+        path = self.config.train.export_dir or os.path.join(self.config.train.output_dir, "hf")
+        host_params = jax.device_get(params)
+        if jax.process_index() == 0:
+            export_hf(self.config.model, host_params, path)
+        return os.path.abspath(path)
+
+
+def build_mesh_and_runtime(config: Config):
+    """-> (mesh, runtime). One device: runtime None (the models' LocalRuntime). More: a ParallelRuntime."""
+    from longtrain import parallel
+
+    resolve_mesh_shape(config.mesh, jax.device_count())  # ConfigError naming the axes when it does not fit
+    mesh = parallel.mesh_from_config(config.mesh)
+    if mesh.size == 1:
+        return mesh, None
+    return mesh, parallel.ParallelRuntime.from_config(mesh, config.mesh, config.model)
+
+
+def build_session(config: Config, *, with_data: bool = True) -> Session:
+    from longtrain import models, parallel
+
+    if config.data.balance.enabled:
+        raise ConfigError(
+            "data.balance.enabled=true is not supported by the trainer yet: executing the balance scheduler's "
+            "per-micro-batch plans needs context groups of varying degree inside one mesh, which "
+            "longtrain.parallel.ParallelRuntime does not offer yet; set data.balance.enabled=false")
+    mesh, runtime = build_mesh_and_runtime(config)
+    logical_axes = models.param_logical_axes(config.model)
+    abstract_params = jax.eval_shape(lambda key: models.init(config.model, key), jax.random.PRNGKey(0))
+    param_shardings = parallel.param_shardings(abstract_params, logical_axes, mesh)
+    session = Session(config=config, mesh=mesh, runtime=runtime, logical_axes=logical_axes,
+                      param_shardings=param_shardings)
+    context = mesh.shape["context"]
+    if context > 1 and config.mesh.layout != "contiguous":
+        session.layout_perm = parallel.layout.layout_permutation(config.mesh.layout, config.data.seq_len, context)
+    if with_data:
+        attach_data(session)
+    return session
+
+
+def attach_data(session: Session) -> None:
+    """Build the training and eval iterators and the synthetic scorer (missing files fail here).
+
+    Every process reads the whole global batch (`process_count=1`) and `put_batch` keeps its devices' blocks:
+    the batches, and so the losses, do not depend on how many processes share the devices."""
+    from longtrain import data
+
+    config = session.config
+    try:
+        session.dataset = data.make_dataset(config, process_index=0, process_count=1)
+    except FileNotFoundError as e:  # a missing/unmatched data path is a config problem: exit 2, one line
+        raise ConfigError(str(e)) from None
+    if config.train.eval_every:
+        session.eval_dataset_factory = lambda: data.make_eval_dataset(config, process_index=0, process_count=1)
+    if config.data.source == "synthetic":
+        session.score_fn = data.score_answers

@@ -1,0 +1,213 @@
+"""The training loop: build mesh, data, state; resume; step, log, evaluate, checkpoint; stop cleanly.
+
+Order of start-up matters for users: everything that can fail from a bad config or a missing file (data sources,
+mesh shape, model config, init_from folder) fails BEFORE anything is compiled. Parameters are initialised by a
+jitted init whose `out_shardings` are the parameter shardings, so each device creates only its shard (no full host
+copy). The train step is compiled ahead of time (so logged step times exclude compilation) with the state donated.
+
+Exit codes: 0 done or stopped by SIGTERM/SIGINT after saving; 3 after `train.max_nonfinite_steps` NaN/inf steps in
+a row (the message names the step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from longtrain.config import Config, to_dict
+from longtrain.train import setup
+from longtrain.train.checkpoint import Checkpointer
+from longtrain.train.init_from import check_init_from, load_params
+from longtrain.train.metrics import MetricsFile, WandbSink, peak_flops_per_device, train_flops
+from longtrain.train.model_loss import make_eval_step
+from longtrain.train.progress import make_progress
+from longtrain.train.signals import StopRequest
+from longtrain.train.program import build_program
+
+EXIT_OK = 0
+EXIT_NONFINITE = 3
+
+
+class NonFiniteError(RuntimeError):
+    """Too many NaN/inf steps in a row."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    exit_code: int
+    final_step: int
+    stopped_by: str | None  # signal name, "nonfinite", or None when all steps ran
+    export_dir: str | None = None
+
+
+def checkpoint_dir(config: Config) -> str:
+    return config.checkpoint.dir or os.path.join(config.train.output_dir, "checkpoints")
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any (a signal may reach only some processes; all must stop
+    after the same step or the others would wait forever in the next collective)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _host_metrics(metrics: dict) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate(config: Config, session: "setup.Session", params: Any, eval_fn) -> dict:
+    """Loss / perplexity on held-out batches; for the synthetic task also retrieval accuracy (documents whose
+    answer tokens are all predicted right) and answer-token accuracy."""
+    total, count = 0.0, 0.0
+    docs_right, docs, tokens_right, tokens = 0.0, 0, 0.0, 0
+    dataset = session.make_eval_dataset()
+    for _ in range(config.train.eval_batches):
+        host_batch = next(dataset)
+        out = jax.device_get(eval_fn(params, session.put_batch(host_batch)))
+        total += float(out["loss_sum"])
+        count += float(out["num_targets"])
+        if session.score_fn is not None and "answer_mask" in host_batch:
+            predictions = np.asarray(out["predictions"])
+            if session.layout_perm is not None:  # back from layout order to the host batch's token order
+                predictions = predictions[:, np.argsort(session.layout_perm)]
+            score = session.score_fn(predictions, host_batch)
+            n_tok = int(np.sum(np.asarray(host_batch["answer_mask"]) > 0))
+            if score["num_answers"]:
+                docs_right += score["exact_match"] * score["num_answers"]
+                docs += score["num_answers"]
+                tokens_right += score["token_accuracy"] * n_tok
+                tokens += n_tok
+    loss = total / max(count, 1.0)
+    record = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 80.0)))}
+    if docs:
+        record["eval_retrieval_accuracy"] = docs_right / docs
+        record["eval_answer_token_accuracy"] = tokens_right / tokens
+    return record
+
+
+def train(config: Config) -> TrainResult:
+    """Run `config` to `train.steps` (resuming from the latest checkpoint). Returns the exit code to use."""
+    check_init_from(config.train.init_from)
+    session = setup.build_session(config)  # mesh, runtime, data: fails on bad config/missing data before compiling
+    main = jax.process_index() == 0
+    config_dict = to_dict(config)
+    total_steps = config.train.steps
+    program = build_program(config, session)
+    state_shardings, abstract_state = program.state_shardings, program.abstract_state
+
+    ckpt = Checkpointer(checkpoint_dir(config), keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save) if config.checkpoint.enabled else None
+    latest = ckpt.latest_step() if (ckpt is not None and config.checkpoint.resume) else None
+    if latest is not None:
+        state, data_state, _ = ckpt.restore(latest, abstract_state)
+        session.dataset.set_state(data_state)
+    elif config.train.init_from is not None:
+        params = load_params(config.train.init_from, config.model, abstract_state["params"])
+        state = program.init_with_params(params)
+    else:
+        state = program.init(jax.random.PRNGKey(config.train.seed))
+    start_step = int(jax.device_get(state["step"]))
+
+    t0 = time.perf_counter()  # compile once ahead of time, so step times are step times
+    train_step = program.train_step.lower(abstract_state, session.abstract_batch()).compile()
+    compile_s = time.perf_counter() - t0
+    eval_fn = jax.jit(make_eval_step(config, session.runtime), in_shardings=(state_shardings["params"],
+                                                                              session.batch_sharding))
+
+    metrics_file = MetricsFile(config.logging.metrics_file or os.path.join(config.train.output_dir,
+                                                                             "metrics.jsonl")) if main else None
+    wandb = WandbSink(config, config_dict) if main else None
+    progress = make_progress(config.logging.progress, total_steps, start_step, main)
+    if latest is not None:
+        progress.message(f"resumed from checkpoint step {latest} in {ckpt.directory}")
+    progress.message(f"compiled the train step in {compile_s:.1f}s; mesh "
+                     + " x ".join(f"{k}={v}" for k, v in session.mesh.shape.items()))
+    peak = peak_flops_per_device(jax.devices()[0].device_kind)
+    profile = tuple(config.train.profile_steps or ())
+    inject_nan = set(config.train.inject_nan_steps or ())
+
+    def log(record):
+        if metrics_file is not None:
+            metrics_file.write(record)
+        if wandb is not None:
+            wandb.log(record, step=record["step"])
+
+    def save(step):
+        if ckpt is not None:
+            ckpt.save(step, state, session.dataset.get_state(), config_dict)
+
+    stopped_by, exit_code, step, tracing = None, EXIT_OK, start_step, False
+    try:
+        with StopRequest() as stop:
+            while step < total_steps:
+                if profile and step == profile[0]:  # trace 0-based steps profile[0]..profile[-1]
+                    jax.profiler.start_trace(os.path.join(config.train.output_dir, "profile"))
+                    tracing = True
+                host_batch = next(session.dataset)
+                if step in inject_nan:  # fault injection: a NaN batch, so the skip path runs on the real program
+                    host_batch = {**host_batch, "loss_mask": np.full_like(host_batch["loss_mask"], np.nan)}
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, session.put_batch(host_batch))
+                record = _host_metrics(metrics)  # waits for the step: step time is real device time
+                dt = time.perf_counter() - t0
+                step += 1
+                if tracing and step - 1 == profile[-1]:
+                    jax.profiler.stop_trace()
+                    tracing = False
+                flops = train_flops(config.model, host_batch["segment_ids"])
+                record.update(kind="train", step=step, step_time_s=dt,
+                              tokens_per_s=float(np.sum(host_batch["segment_ids"] != 0)) / dt,
+                              skipped=not record.pop("finite"),
+                              mfu=(flops / dt / (peak[1] * jax.device_count())) if peak else None)
+                if step % config.logging.every == 0 or record["skipped"] or step == total_steps:
+                    log(record)
+                    progress.update(record)
+                if record["nonfinite_run"] >= config.train.max_nonfinite_steps:
+                    stopped_by, exit_code = "nonfinite", EXIT_NONFINITE
+                    progress.message(
+                        f"longtrain: stopping at step {step}: {record['nonfinite_run']} steps in a row had a "
+                        f"NaN/inf loss or gradient (train.max_nonfinite_steps={config.train.max_nonfinite_steps})")
+                    break
+                if config.train.eval_every and step % config.train.eval_every == 0:
+                    ev = evaluate(config, session, state["params"], eval_fn)
+                    ev.update(kind="eval", step=step)
+                    log(ev)
+                    progress.message(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in ev.items() if k != "kind"))
+                if step % config.checkpoint.every == 0 or step == total_steps:
+                    save(step)
+                if _any_process(stop.requested is not None):
+                    stopped_by = stop.requested or "a signal on another process"
+                    if step % config.checkpoint.every and step != total_steps:
+                        save(step)
+                    progress.message(f"longtrain: stopped by {stopped_by} after step {step}; "
+                                     f"checkpoint saved in {checkpoint_dir(config)}")
+                    break
+            if ckpt is not None:
+                ckpt.wait()
+    finally:
+        if tracing:
+            jax.profiler.stop_trace()
+        if hasattr(session.dataset, "close"):
+            session.dataset.close()  # the prefetch thread
+        progress.close()
+        if ckpt is not None:
+            ckpt.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if wandb is not None:
+            wandb.close()
+
+    export_dir = None
+    if config.train.export_hf and stopped_by is None:
+        export_dir = session.export_hf(state["params"])
+        if main:
+            print(f"exported Hugging Face model to {export_dir}", flush=True)
+    return TrainResult(exit_code=exit_code, final_step=step, stopped_by=stopped_by, export_dir=export_dir)

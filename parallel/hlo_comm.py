@@ -1,0 +1,102 @@
+"""Bytes sent per device, read from compiled HLO text: every collective's size times the known trip counts of
+the while loops that enclose it (DESIGN.md §5). Used by benchmarks/context_comm.py and its test.
+
+Per-device bytes sent, with G the replica-group size:
+  collective-permute: the operand (= result) size      all-gather:   (G-1)/G of the gathered result
+  all-to-all:         (G-1)/G of the result             reduce-scatter: (G-1) x the scattered result
+  all-reduce:         2(G-1)/G of the result
+"""
+from __future__ import annotations
+
+import collections
+import re
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8}
+COLLECTIVES = ("collective-permute", "all-gather", "all-to-all", "reduce-scatter", "all-reduce")
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def shape_bytes(type_text: str) -> int:
+    """Total bytes of every array shape in an HLO type string (tuples summed)."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(type_text):
+        size = 1
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        total += size * DTYPE_BYTES[dtype]
+    return total
+
+
+def group_size(attrs: str, num_devices: int) -> int:
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)
+    if m:
+        return int(m.group(2))
+    return num_devices
+
+
+def parse_computations(hlo_text: str):
+    """{name: [instruction lines]} and the entry computation's name."""
+    comps, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header and "=" not in line.split("{")[0].split("(")[0]:
+            current = header.group(2)
+            comps[current] = []
+            if header.group(1):
+                entry = current
+        elif line.strip() == "}":
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    return comps, entry
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> dict:
+    """{collective kind: bytes sent per device} and {'count': number of collective launches} for the program."""
+    comps, entry = parse_computations(hlo_text)
+    totals = collections.Counter()
+
+    def visit(name, mult, depth=0):
+        if depth > 50 or name not in comps:
+            return
+        for line in comps[name]:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            type_text, op, rest = m.groups()
+            base = op[:-6] if op.endswith("-start") else op
+            if base in COLLECTIVES and not op.endswith("-done"):
+                size = shape_bytes(type_text if not op.endswith("-start") else type_text.split(")")[0])
+                g = group_size(rest, num_devices)
+                factor = {"collective-permute": 1.0, "all-gather": (g - 1) / g, "all-to-all": (g - 1) / g,
+                          "reduce-scatter": float(g - 1), "all-reduce": 2 * (g - 1) / g}[base]
+                if op.endswith("-start") and base in ("collective-permute",):
+                    size //= 2  # start returns (operand, result) tuples
+                totals[base] += mult * size * factor
+                totals["count"] += mult
+            trip = 1
+            if op == "while":
+                tc = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                if not tc:
+                    raise ValueError(f"while loop without known_trip_count in HLO: {line.strip()[:200]}")
+                trip = int(tc.group(1))
+            for attr in ("body", "calls", "to_apply"):
+                for callee in re.findall(attr + r"=%?([\w.\-]+)", rest):
+                    visit(callee, mult * (trip if attr == "body" else 1), depth + 1)
+            br = re.search(r"branch_computations=\{([^}]*)\}", rest)
+            if br:
+                for callee in br.group(1).split(","):
+                    visit(callee.strip().lstrip("%"), mult, depth + 1)
+
+    visit(entry, 1)
+    return dict(totals)
+
+
+def total_bytes(counts: dict) -> float:
+    return sum(v for k, v in counts.items() if k in COLLECTIVES)

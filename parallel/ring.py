@@ -1,0 +1,119 @@
+"""`ring` context attention: K/V rotate P-1 hops forward; Q, out and lse stay home.
+
+Forward, rank r, step s = 0..P-1: holds the K/V block of rank (r - s) mod P. At the top of each step the send of
+the current K/V to rank r+1 is issued (it is needed only next step, so it overlaps this step's block), then the
+block is computed and merged in fp32. Only P-1 sends happen: the last block is never forwarded.
+
+Backward (custom VJP; residuals are q, k, v, out fp32, lse): the same rotation of K/V, plus fp32 dK/dV
+accumulators that trail one step behind their K/V (the accumulator of the block computed at step s-1 is sent at
+the top of step s, so no send waits for this step's compute) and make one final hop home. Bytes per rank per
+pass: forward 2(P-1)·n·h_kv·b (+ segment ids), backward the same for K/V plus 2·P·n·h_kv·4 for dK/dV.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longtrain.parallel.blocks import Problem, block_bwd, block_fwd, merge, ring_perm
+
+
+def ring_attention_local(pb: Problem, q, k, v, seg):
+    """Local shards in, local out [B,n,Hq,D] (q.dtype). Call inside shard_map over `pb.axis_name`."""
+    return _ring(pb, 1)(q, k, v, seg)
+
+
+def ring_attention_grouped(pb: Problem, q, k, v, seg, group: int):
+    """The ring across groups of `group` consecutive ranks (hops of `group` ranks), each rank holding its
+    group's tokens (layout positions of ranks g*group .. g*group+group-1) on a slice of the heads."""
+    return _ring(pb, group)(q, k, v, seg)
+
+
+def _ring(pb: Problem, group: int):
+    P, ax = pb.context_size // group, pb.axis_name  # P: ring length (number of groups)
+    fwd_perm = ring_perm(pb.context_size, 1, stride=group)
+
+    def ring_rank():
+        return jax.lax.axis_index(ax) // group
+
+    def indices(ring_index, batch):
+        return pb.indices_of_ranks(ring_index * group, group, batch)
+
+    def source(rank, step):
+        return (rank - step) % P
+
+    def kv_block(k, v, seg):
+        return (k, v) if seg is None else (k, v, seg)
+
+    def split(block):
+        return (block[0], block[1], None) if len(block) == 2 else block
+
+    def forward(q, k, v, seg):
+        rank = ring_rank()
+        B = q.shape[0]
+        q_idx = indices(rank, B)
+
+        def compute(block, step):
+            kb, vb, sb = split(block)
+            return block_fwd(pb, q, kb, vb, q_idx, indices(source(rank, step), B), seg, sb)
+
+        block = kv_block(k, v, seg)
+        if P == 1:
+            return compute(block, 0)
+        nxt = jax.lax.ppermute(block, ax, fwd_perm)  # top of step 0: send own K/V onward
+        acc = compute(block, 0)
+
+        def body(carry, step):
+            block, acc = carry
+            nxt = jax.lax.ppermute(block, ax, fwd_perm)  # issued before this step's compute
+            acc = merge(acc, compute(block, step))
+            return (nxt, acc), None
+
+        (block, acc), _ = jax.lax.scan(body, (nxt, acc), jnp.arange(1, P - 1))
+        return merge(acc, compute(block, P - 1))
+
+    @jax.custom_vjp
+    def attend(q, k, v, seg):
+        out, _ = forward(q, k, v, seg)
+        return out.astype(q.dtype)
+
+    def attend_fwd(q, k, v, seg):
+        out, lse = forward(q, k, v, seg)
+        return out.astype(q.dtype), (q, k, v, seg, out, lse)
+
+    def attend_bwd(res, dout):
+        q, k, v, seg, out, lse = res
+        rank = ring_rank()
+        B = q.shape[0]
+        q_idx = indices(rank, B)
+
+        def grads(block, step):
+            kb, vb, sb = split(block)
+            return block_bwd(pb, q, kb, vb, out, lse, dout, q_idx, indices(source(rank, step), B),
+                             seg, sb)
+
+        block = kv_block(k, v, seg)
+        if P == 1:
+            dq, dk, dv = grads(block, 0)
+        else:
+            nxt = jax.lax.ppermute(block, ax, fwd_perm)
+            dq, dk, dv = grads(block, 0)
+            pending = (dk, dv)  # dK/dV of the block computed last step (it has already moved on)
+
+            def step_body(block, pending, dq, step, send_kv):
+                nxt = jax.lax.ppermute(block, ax, fwd_perm) if send_kv else None
+                arrived = jax.lax.ppermute(pending, ax, fwd_perm)  # accumulators trail their K/V by one hop
+                dq_b, dk_b, dv_b = grads(block, step)
+                return nxt, (arrived[0] + dk_b, arrived[1] + dv_b), dq + dq_b
+
+            def body(carry, step):
+                block, pending, dq = carry
+                nxt, pending, dq = step_body(block, pending, dq, step, True)
+                return (nxt, pending, dq), None
+
+            (block, pending, dq), _ = jax.lax.scan(body, (nxt, pending, dq), jnp.arange(1, P - 1))
+            _, pending, dq = step_body(block, pending, dq, P - 1, False)
+            dk, dv = jax.lax.ppermute(pending, ax, fwd_perm)  # last hop home
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend

@@ -1,0 +1,48 @@
+"""`ParallelRuntime`: the models' runtime contract (models/attention_site.py) on a device mesh.
+
+Models call it on GLOBAL arrays inside jit; its methods wrap the context-parallel strategies' `shard_map`s.
+Batches must arrive in layout order (the data loader permutes tokens, positions and segment ids with
+`to_layout`), so no permutation runs inside the step.
+"""
+from __future__ import annotations
+
+from longtrain.parallel.context_attention import context_attention
+from longtrain.parallel.lightning import context_lightning_attention
+from longtrain.parallel.sharding import constrain_activation
+
+
+class ParallelRuntime:
+    """Holds the mesh, the context strategy and layout, and the kernel impls."""
+
+    def __init__(self, mesh, *, strategy="auto", layout="zigzag", attention_impl="auto", lightning_impl="auto",
+                 lightning_block_size=64, ulysses_degree=None, lightning_variant="all_gather"):
+        self.mesh = mesh
+        self.strategy = strategy
+        self.layout = layout
+        self.attention_impl = attention_impl
+        self.lightning_impl = lightning_impl
+        self.lightning_block_size = lightning_block_size
+        self.ulysses_degree = ulysses_degree
+        self.lightning_variant = lightning_variant
+
+    @classmethod
+    def from_config(cls, mesh, mesh_config, model_config) -> "ParallelRuntime":
+        """From `longtrain.config.MeshConfig` (strategy, layout, ulysses_degree) and `ModelConfig` (impls)."""
+        return cls(mesh, strategy=mesh_config.context_strategy, layout=mesh_config.layout,
+                   attention_impl=model_config.attention_impl, lightning_impl=model_config.lightning_impl,
+                   lightning_block_size=model_config.lightning_block_size,
+                   ulysses_degree=getattr(mesh_config, "ulysses_degree", None),
+                   lightning_variant=getattr(mesh_config, "lightning_variant", "all_gather"))
+
+    def attention(self, q, k, v, *, segment_ids, causal, sliding_window, scale):
+        return context_attention(q, k, v, mesh=self.mesh, strategy=self.strategy, layout=self.layout,
+                                 segment_ids=segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
+                                 impl=self.attention_impl, ulysses_degree=self.ulysses_degree)
+
+    def lightning_attention(self, q, k, v, slope, *, segment_ids):
+        return context_lightning_attention(q, k, v, slope, mesh=self.mesh, layout=self.layout,
+                                           segment_ids=segment_ids, variant=self.lightning_variant,
+                                           impl=self.lightning_impl, block_size=self.lightning_block_size)
+
+    def constrain(self, x, logical_axes):
+        return constrain_activation(x, logical_axes, self.mesh)

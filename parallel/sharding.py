@@ -1,0 +1,84 @@
+"""Logical axis names -> mesh axes (MaxText-style rules, kept small).
+
+Models name array dimensions logically (`models.param_logical_axes(config)` for parameters, and
+`runtime.constrain(x, ("batch", "seq", "embed"))` for activations). Parameters are sharded FSDP-style over
+`fsdp` (the embed dimension) and Megatron-style over `tensor` (heads, kv_heads, mlp, vocab); activations are
+sharded batch over data+fsdp, sequence over context, heads/mlp over tensor. A rule is dropped for a dimension the
+mesh axes do not divide (that dimension is replicated), and a mesh axis is used at most once per array.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+PARAM_RULES = {
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": (),
+    "layers": (),
+    "experts": (),
+}
+ACTIVATION_RULES = {
+    "batch": ("data", "fsdp"),
+    "seq": ("context",),
+    "embed": (),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "head_dim": (),
+    "experts": (),
+}
+
+
+def logical_to_spec(logical_axes, shape, mesh, rules) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions carry `logical_axes` (names or None)."""
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {logical_axes} do not match array rank {len(shape)} (shape {shape})")
+    used, spec = set(), []
+    for name, dim in zip(logical_axes, shape):
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+        axes = tuple(a for a in (rules.get(name, ()) if name else ())
+                     if a in mesh.axis_names and mesh.shape[a] > 1 and a not in used)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = ()  # not divisible: replicate this dimension rather than fail
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes if axes else None))
+    return PartitionSpec(*spec)
+
+
+def _is_axes_leaf(x):
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def param_shardings(params, logical_axes_tree, mesh):
+    """Pytree of NamedSharding for `params` (arrays or ShapeDtypeStructs) from the models' logical axes."""
+    return jax.tree.map(lambda axes, p: NamedSharding(mesh, logical_to_spec(axes, p.shape, mesh, PARAM_RULES)),
+                        logical_axes_tree, params, is_leaf=_is_axes_leaf)
+
+
+def shard_params(params, logical_axes_tree, mesh):
+    """Place `params` on the mesh by the parameter rules."""
+    return jax.device_put(params, param_shardings(params, logical_axes_tree, mesh))
+
+
+def activation_spec(logical_axes, shape, mesh) -> PartitionSpec:
+    return logical_to_spec(logical_axes, shape, mesh, ACTIVATION_RULES)
+
+
+def batch_sharding(mesh, shape=None) -> NamedSharding:
+    """Sharding of a [B, T] batch array: batch over data+fsdp, sequence over context."""
+    spec = activation_spec(("batch", "seq"), shape, mesh) if shape is not None else PartitionSpec(
+        tuple(a for a in ("data", "fsdp") if a in mesh.axis_names), "context")
+    return NamedSharding(mesh, spec)
+
+
+def constrain_activation(x, logical_axes, mesh):
+    """`with_sharding_constraint` of an activation by logical names."""
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(logical_axes, x.shape, mesh)))

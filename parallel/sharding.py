@@ -2,9 +2,9 @@
 
 Models name array dimensions logically (`models.param_logical_axes(config)` for parameters, and
 `runtime.constrain(x, ("batch", "seq", "embed"))` for activations). Parameters are sharded FSDP-style over
-`fsdp` (the embed dimension) and Megatron-style over `tensor` (heads, kv_heads, mlp, vocab); activations are
-sharded batch over data+fsdp, sequence over context, heads/mlp over tensor. A rule is dropped for a dimension the
-mesh axes do not divide (that dimension is replicated), and a mesh axis is used at most once per array.
+`fsdp` and `context` (the embed dimension) and Megatron-style over `tensor` (heads, kv_heads, mlp, vocab); activations are
+sharded batch over data+fsdp, sequence over context, heads/mlp over tensor. A mesh axis is dropped for a dimension it does
+not divide (the dimension is replicated over that axis), and a mesh axis is used at most once per array.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 PARAM_RULES = {
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    # ZeRO-3 over fsdp AND context: context ranks hold different tokens but the same weights, so replicating
+    # params and Adam state over them wastes memory (8B at context=8 would not fit 80 GiB otherwise)
+    "embed": ("fsdp", "context"),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
@@ -44,10 +46,14 @@ def logical_to_spec(logical_axes, shape, mesh, rules) -> PartitionSpec:
     for name, dim in zip(logical_axes, shape):
         if name is not None and name not in rules:
             raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
-        axes = tuple(a for a in (rules.get(name, ()) if name else ())
-                     if a in mesh.axis_names and mesh.shape[a] > 1 and a not in used)
-        if axes and dim % math.prod(mesh.shape[a] for a in axes):
-            axes = ()  # not divisible: replicate this dimension rather than fail
+        candidates = [a for a in (rules.get(name, ()) if name else ())
+                      if a in mesh.axis_names and mesh.shape[a] > 1 and a not in used]
+        chosen, size = [], 1
+        for a in candidates:  # keep the axes whose running product divides the dimension; replicate over the rest
+            if dim % (size * mesh.shape[a]) == 0:
+                chosen.append(a)
+                size *= mesh.shape[a]
+        axes = tuple(chosen)
         used.update(axes)
         spec.append(axes[0] if len(axes) == 1 else (axes if axes else None))
     return PartitionSpec(*spec)

@@ -78,14 +78,16 @@ def test_make_mesh_fills_and_validates():
 def test_sharding_rules():
     mesh = make_mesh(data=1, fsdp=2, context=2, tensor=2)
     P = jax.sharding.PartitionSpec
-    assert logical_to_spec(("embed", "heads", "head_dim"), (64, 4, 16), mesh, PARAM_RULES) == P("fsdp", "tensor",
-                                                                                                  None)
+    # params: ZeRO-3 over fsdp and context (context ranks share weights), Megatron over tensor
+    assert logical_to_spec(("embed", "heads", "head_dim"), (64, 4, 16), mesh, PARAM_RULES) == P(
+        ("fsdp", "context"), "tensor", None)
     assert logical_to_spec(("batch", "seq", "embed"), (4, 32, 64), mesh, ACTIVATION_RULES) == P("fsdp", "context",
                                                                                                None)
-    # not divisible -> replicated rather than failing
-    assert logical_to_spec(("vocab", "embed"), (65, 64), mesh, PARAM_RULES) == P(None, "fsdp")
+    # not divisible -> replicated over the axes that do not divide, rather than failing
+    assert logical_to_spec(("vocab", "embed"), (65, 64), mesh, PARAM_RULES) == P(None, ("fsdp", "context"))
+    assert logical_to_spec(("embed",), (6,), mesh, PARAM_RULES) == P("fsdp")
     with pytest.raises(ValueError, match="'bogus'"):
         logical_to_spec(("bogus",), (4,), mesh, PARAM_RULES)
     params = {"w": jnp.zeros((64, 4, 16)), "b": jnp.zeros((4,))}
     shardings = param_shardings(params, {"w": ("embed", "heads", "head_dim"), "b": ("heads",)}, mesh)
-    assert shardings["w"].spec == P("fsdp", "tensor", None) and shardings["b"].spec == P("tensor")
+    assert shardings["w"].spec == P(("fsdp", "context"), "tensor", None) and shardings["b"].spec == P("tensor")

@@ -1,5 +1,5 @@
 """Bytes sent per device, read from compiled HLO text: every collective's size times the known trip counts of
-the while loops that enclose it (DESIGN.md §5). Used by benchmarks/context_comm.py and its test.
+the while loops that enclose it (DESIGN.md §5). Used by `longtrain plan`, benchmarks/context_comm.py and tests.
 
 Per-device bytes sent, with G the replica-group size:
   collective-permute: the operand (= result) size      all-gather:   (G-1)/G of the gathered result
@@ -72,8 +72,12 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict:
             type_text, op, rest = m.groups()
             base = op[:-6] if op.endswith("-start") else op
             if base in COLLECTIVES and not op.endswith("-done"):
-                size = shape_bytes(type_text if not op.endswith("-start") else type_text.split(")")[0])
                 g = group_size(rest, num_devices)
+                if op == "all-gather-start":  # async result: (operands..., gathered outputs...)
+                    shapes = [shape_bytes(f"{t}[{d}]") for t, d in _SHAPE.findall(type_text)]
+                    size = sum(shapes[len(shapes) // 2:])
+                else:
+                    size = shape_bytes(type_text if not op.endswith("-start") else type_text.split(")")[0])
                 factor = {"collective-permute": 1.0, "all-gather": (g - 1) / g, "all-to-all": (g - 1) / g,
                           "reduce-scatter": float(g - 1), "all-reduce": 2 * (g - 1) / g}[base]
                 if op.endswith("-start") and base in ("collective-permute",):
@@ -83,9 +87,11 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict:
             trip = 1
             if op == "while":
                 tc = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-                if not tc:
-                    raise ValueError(f"while loop without known_trip_count in HLO: {line.strip()[:200]}")
-                trip = int(tc.group(1))
+                if tc:
+                    trip = int(tc.group(1))
+                elif any(_has_collective(comps, body) for body in re.findall(r"body=%?([\w.\-]+)", rest)):
+                    # a data-dependent loop around a collective: bytes per step cannot be read off the HLO
+                    raise ValueError(f"while loop without known_trip_count around a collective: {line.strip()[:200]}")
             for attr in ("body", "calls", "to_apply"):
                 for callee in re.findall(attr + r"=%?([\w.\-]+)", rest):
                     visit(callee, mult * (trip if attr == "body" else 1), depth + 1)
@@ -96,6 +102,26 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict:
 
     visit(entry, 1)
     return dict(totals)
+
+
+def _has_collective(comps: dict, name: str, depth: int = 0) -> bool:
+    """Does computation `name`, or anything it calls, launch a collective?"""
+    if depth > 50 or name not in comps:
+        return False
+    for line in comps[name]:
+        m = _INSTR.match(line)
+        if m and (m.group(2)[:-6] if m.group(2).endswith("-start") else m.group(2)) in COLLECTIVES:
+            return True
+        for callee in re.findall(r"(?:body|calls|to_apply|condition)=%?([\w.\-]+)", line):
+            if _has_collective(comps, callee, depth + 1):
+                return True
+    return False
+
+
+def bytes_per_collective(hlo_text: str, num_devices: int) -> dict:
+    """{kind: bytes sent per device} for each of the five collective kinds (zero when absent), in a fixed order."""
+    counts = collective_bytes(hlo_text, num_devices)
+    return {kind: float(counts.get(kind, 0.0)) for kind in COLLECTIVES}
 
 
 def total_bytes(counts: dict) -> float:

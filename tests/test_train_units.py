@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from longtrain.config import ModelConfig, OptimConfig
-from longtrain.train import hlo_comm, metrics, optim, step
+from longtrain.parallel import hlo_comm
+from longtrain.train import metrics, optim, step
 
 
 def test_schedule_warmup_then_cosine_to_floor():

@@ -52,7 +52,7 @@ def plan(config) -> dict:
     """Compile the train step for `config` on the visible devices; -> report dict (bytes per device)."""
     import jax
 
-    from longtrain.train.hlo_comm import collective_bytes
+    from longtrain.parallel.hlo_comm import bytes_per_collective
     from longtrain.train.program import build_program, per_device_bytes
     from longtrain.train.setup import build_session
 
@@ -78,7 +78,7 @@ def plan(config) -> dict:
         "temp": temp,
         "outputs_not_aliased": max(outs - alias, 0),
         "total": args + max(outs - alias, 0) + temp,
-        "collectives": collective_bytes(compiled.as_text(), jax.device_count()),
+        "collectives": bytes_per_collective(compiled.as_text(), jax.device_count()),
         "compile_s": compile_s,
     }
 

@@ -80,9 +80,13 @@ def _local_fn(strategy: str, pb: Problem, ulysses_degree):
 
 
 def context_attention(q, k, v, *, mesh, strategy="auto", layout="zigzag", segment_ids=None, causal=True,
-                      sliding_window=None, scale=None, impl="auto", ulysses_degree=None, **block_kwargs):
+                      sliding_window=None, scale=None, impl="auto", ulysses_degree=None, token_index=None,
+                      **block_kwargs):
     """Softmax attention with the sequence axis split over mesh axis `context` (arrays in layout order).
 
+    `token_index` [B,N] int32 (ring only; 'auto' then means ring): the causal / sliding-window index of every
+    token in the arrays' order, sharded like segment_ids, used instead of the layout's global indices (balance
+    mode: split documents lie zigzag in the buffer and positions restart per document).
     `block_kwargs` go to the kernel block entries (e.g. interpret=True for Pallas on CPU)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not a sequence layout; expected one of {LAYOUTS}")
@@ -94,6 +98,13 @@ def context_attention(q, k, v, *, mesh, strategy="auto", layout="zigzag", segmen
         raise ValueError(f"num_heads={Hq} must be a multiple of num_kv_heads={Hkv}")
     if segment_ids is not None and segment_ids.shape != (B, N):
         raise ValueError(f"segment_ids shape {segment_ids.shape} must be (batch, seq) = {(B, N)}")
+    if token_index is not None:
+        if token_index.shape != (B, N):
+            raise ValueError(f"token_index shape {token_index.shape} must be (batch, seq) = {(B, N)}")
+        if strategy == "auto":
+            strategy = "ring"  # the only strategy that takes explicit indices
+        if strategy != "ring":
+            raise ValueError(f"token_index is supported by context strategy 'ring' only; got strategy={strategy!r}")
     P = axis_size(mesh, CONTEXT_AXIS)
     check_layout(layout, N, P)
     spec, seg_spec = io_specs(mesh, B, (Hq, Hkv))
@@ -115,6 +126,14 @@ def context_attention(q, k, v, *, mesh, strategy="auto", layout="zigzag", segmen
         raise ValueError(f"mesh has no {CONTEXT_AXIS!r} axis (axes {mesh.axis_names}); build it with make_mesh")
     constrain = lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s))
     q, k, v = (constrain(x, spec) for x in (q, k, v))
+    if token_index is not None:
+        from longtrain.parallel.ring import ring_attention_local
+
+        seg_in = (jax.numpy.ones((B, N), jax.numpy.int32) if segment_ids is None else segment_ids)
+        tok_in = constrain(token_index.astype(jax.numpy.int32), seg_spec)
+        mapped = jax.shard_map(lambda q, k, v, s, t: ring_attention_local(pb, q, k, v, s, t), mesh=mesh,
+                               in_specs=(spec, spec, spec, seg_spec, seg_spec), out_specs=spec, check_vma=False)
+        return mapped(q, k, v, constrain(seg_in, seg_spec), tok_in)
     if segment_ids is None:
         mapped = jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
                                out_specs=spec, check_vma=False)

@@ -17,15 +17,19 @@ import jax.numpy as jnp
 from longtrain.parallel.blocks import Problem, block_bwd, block_fwd, merge, ring_perm
 
 
-def ring_attention_local(pb: Problem, q, k, v, seg):
-    """Local shards in, local out [B,n,Hq,D] (q.dtype). Call inside shard_map over `pb.axis_name`."""
-    return _ring(pb, 1)(q, k, v, seg)
+def ring_attention_local(pb: Problem, q, k, v, seg, tok=None):
+    """Local shards in, local out [B,n,Hq,D] (q.dtype). Call inside shard_map over `pb.axis_name`.
+
+    `tok` [B,n] int32 (or None): explicit causal index of each local token (e.g. positions within a document
+    when split documents sit in zigzag order). Given, it replaces the layout's indices for q and travels with
+    K/V around the ring like the kv segment ids; None sends exactly the bytes it did before."""
+    return _ring(pb, 1)(q, k, v, seg, tok)
 
 
 def ring_attention_grouped(pb: Problem, q, k, v, seg, group: int):
     """The ring across groups of `group` consecutive ranks (hops of `group` ranks), each rank holding its
     group's tokens (layout positions of ranks g*group .. g*group+group-1) on a slice of the heads."""
-    return _ring(pb, group)(q, k, v, seg)
+    return _ring(pb, group)(q, k, v, seg, None)
 
 
 def _ring(pb: Problem, group: int):
@@ -41,22 +45,24 @@ def _ring(pb: Problem, group: int):
     def source(rank, step):
         return (rank - step) % P
 
-    def kv_block(k, v, seg):
-        return (k, v) if seg is None else (k, v, seg)
+    def kv_block(k, v, seg, tok):
+        # None entries are empty pytrees: without segment ids / token index nothing extra is sent
+        return (k, v, seg, tok)
 
-    def split(block):
-        return (block[0], block[1], None) if len(block) == 2 else block
+    def kv_index(block, rank, step, batch):
+        tok = block[3]
+        return indices(source(rank, step), batch) if tok is None else tok
 
-    def forward(q, k, v, seg):
+    def forward(q, k, v, seg, tok):
         rank = ring_rank()
         B = q.shape[0]
-        q_idx = indices(rank, B)
+        q_idx = indices(rank, B) if tok is None else tok
 
         def compute(block, step):
-            kb, vb, sb = split(block)
-            return block_fwd(pb, q, kb, vb, q_idx, indices(source(rank, step), B), seg, sb)
+            kb, vb, sb, _ = block
+            return block_fwd(pb, q, kb, vb, q_idx, kv_index(block, rank, step, B), seg, sb)
 
-        block = kv_block(k, v, seg)
+        block = kv_block(k, v, seg, tok)
         if P == 1:
             return compute(block, 0)
         nxt = jax.lax.ppermute(block, ax, fwd_perm)  # top of step 0: send own K/V onward
@@ -72,26 +78,25 @@ def _ring(pb: Problem, group: int):
         return merge(acc, compute(block, P - 1))
 
     @jax.custom_vjp
-    def attend(q, k, v, seg):
-        out, _ = forward(q, k, v, seg)
+    def attend(q, k, v, seg, tok):
+        out, _ = forward(q, k, v, seg, tok)
         return out.astype(q.dtype)
 
-    def attend_fwd(q, k, v, seg):
-        out, lse = forward(q, k, v, seg)
-        return out.astype(q.dtype), (q, k, v, seg, out, lse)
+    def attend_fwd(q, k, v, seg, tok):
+        out, lse = forward(q, k, v, seg, tok)
+        return out.astype(q.dtype), (q, k, v, seg, tok, out, lse)
 
     def attend_bwd(res, dout):
-        q, k, v, seg, out, lse = res
+        q, k, v, seg, tok, out, lse = res
         rank = ring_rank()
         B = q.shape[0]
-        q_idx = indices(rank, B)
+        q_idx = indices(rank, B) if tok is None else tok
 
         def grads(block, step):
-            kb, vb, sb = split(block)
-            return block_bwd(pb, q, kb, vb, out, lse, dout, q_idx, indices(source(rank, step), B),
-                             seg, sb)
+            kb, vb, sb, _ = block
+            return block_bwd(pb, q, kb, vb, out, lse, dout, q_idx, kv_index(block, rank, step, B), seg, sb)
 
-        block = kv_block(k, v, seg)
+        block = kv_block(k, v, seg, tok)
         if P == 1:
             dq, dk, dv = grads(block, 0)
         else:
@@ -113,7 +118,7 @@ def _ring(pb: Problem, group: int):
             (block, pending, dq), _ = jax.lax.scan(body, (nxt, pending, dq), jnp.arange(1, P - 1))
             _, pending, dq = step_body(block, pending, dq, P - 1, False)
             dk, dv = jax.lax.ppermute(pending, ax, fwd_perm)  # last hop home
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend

@@ -15,8 +15,11 @@ class ParallelRuntime:
     """Holds the mesh, the context strategy and layout, and the kernel impls."""
 
     def __init__(self, mesh, *, strategy="auto", layout="zigzag", attention_impl="auto", lightning_impl="auto",
-                 lightning_block_size=64, ulysses_degree=None, lightning_variant="all_gather"):
+                 lightning_block_size=64, ulysses_degree=None, lightning_variant="all_gather", token_index=None):
+        """`token_index` [B,N] int32 (optional, usually traced): explicit causal index per token for the ring
+        strategy (balance mode builds one runtime per micro-batch with token_index=positions)."""
         self.mesh = mesh
+        self.token_index = token_index
         self.strategy = strategy
         self.layout = layout
         self.attention_impl = attention_impl
@@ -37,9 +40,13 @@ class ParallelRuntime:
     def attention(self, q, k, v, *, segment_ids, causal, sliding_window, scale):
         return context_attention(q, k, v, mesh=self.mesh, strategy=self.strategy, layout=self.layout,
                                  segment_ids=segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
-                                 impl=self.attention_impl, ulysses_degree=self.ulysses_degree)
+                                 impl=self.attention_impl, ulysses_degree=self.ulysses_degree,
+                                 token_index=self.token_index)
 
     def lightning_attention(self, q, k, v, slope, *, segment_ids):
+        if self.token_index is not None:
+            raise ValueError("lightning attention runs in buffer order and cannot take an explicit token_index "
+                             "(balance mode with split documents); use a softmax-attention model")
         return context_lightning_attention(q, k, v, slope, mesh=self.mesh, layout=self.layout,
                                            segment_ids=segment_ids, variant=self.lightning_variant,
                                            impl=self.lightning_impl, block_size=self.lightning_block_size)

@@ -105,11 +105,10 @@ def build_mesh_and_runtime(config: Config):
 def build_session(config: Config, *, with_data: bool = True) -> Session:
     from longtrain import models, parallel
 
-    if config.data.balance.enabled:
-        raise ConfigError(
-            "data.balance.enabled=true is not supported by the trainer yet: executing the balance scheduler's "
-            "per-micro-batch plans needs context groups of varying degree inside one mesh, which "
-            "longtrain.parallel.ParallelRuntime does not offer yet; set data.balance.enabled=false")
+    if config.data.balance.enabled:  # plans run on per-micro-batch meshes (train/balanced_step.py)
+        from longtrain.train.balanced_step import check_balance_config
+
+        check_balance_config(config)
     mesh, runtime = build_mesh_and_runtime(config)
     logical_axes = models.param_logical_axes(config.model)
     abstract_params = jax.eval_shape(lambda key: models.init(config.model, key), jax.random.PRNGKey(0))

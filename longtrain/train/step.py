@@ -70,33 +70,41 @@ def make_train_step(
 
             loss_sum, grads = jax.lax.fori_loop(0, grad_accum, body, (jnp.zeros((), jnp.float32), zeros))
 
-        denom = jnp.maximum(num_targets, 1.0)
-        loss = loss_sum / denom
-        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        applied = state["step"] - state["nonfinite_total"]  # updates applied so far = the schedule's position
-        new_state = {
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt_state, state["opt_state"]),
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-            "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1).astype(jnp.int32),
-            "nonfinite_total": (state["nonfinite_total"] + jnp.where(finite, 0, 1)).astype(jnp.int32),
-        }
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(applied),
-            "finite": finite,
-            "num_targets": num_targets,
-            "nonfinite_run": new_state["nonfinite_run"],
-            "nonfinite_total": new_state["nonfinite_total"],
-        }
-        return new_state, metrics
+        return apply_gradients(state, loss_sum, grads, num_targets, optimizer, schedule)
 
     return step_fn
+
+
+def apply_gradients(state: dict, loss_sum, grads: Any, num_targets, optimizer: optax.GradientTransformation,
+                    schedule: Callable[[jax.Array], jax.Array]) -> tuple[dict, dict]:
+    """Second half of every step (normal and balance mode): divide the accumulated loss/gradient SUMS by the
+    global target count, one optimizer update, NaN/inf skip. -> (new state, metrics)."""
+    params = state["params"]
+    denom = jnp.maximum(num_targets, 1.0)
+    loss = loss_sum / denom
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    applied = state["step"] - state["nonfinite_total"]  # updates applied so far = the schedule's position
+    new_state = {
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+        "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1).astype(jnp.int32),
+        "nonfinite_total": (state["nonfinite_total"] + jnp.where(finite, 0, 1)).astype(jnp.int32),
+    }
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(applied),
+        "finite": finite,
+        "num_targets": num_targets,
+        "nonfinite_run": new_state["nonfinite_run"],
+        "nonfinite_total": new_state["nonfinite_total"],
+    }
+    return new_state, metrics

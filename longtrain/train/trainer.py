@@ -20,6 +20,7 @@ import numpy as np
 
 from longtrain.config import Config, to_dict
 from longtrain.train import setup
+from longtrain.train.balanced_step import BalancedStep, group_rows
 from longtrain.train.checkpoint import Checkpointer
 from longtrain.train.init_from import check_init_from, load_params
 from longtrain.train.metrics import MetricsFile, WandbSink, peak_flops_per_device, train_flops
@@ -60,6 +61,22 @@ def _any_process(flag: bool) -> bool:
 
 def _host_metrics(metrics: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in jax.device_get(metrics).items()}
+
+
+def _nan_batch(host_batch: dict) -> dict:
+    """The batch with a NaN loss mask (every micro-batch of a balance-mode step)."""
+    nan = lambda b: {**b, "loss_mask": np.full_like(b["loss_mask"], np.nan)}  # noqa: E731
+    if "micro_batches" in host_batch:
+        return {**host_batch, "micro_batches": [nan(mb) for mb in host_batch["micro_batches"]]}
+    return nan(host_batch)
+
+
+def _segment_rows(host_batch: dict) -> list:
+    """Segment-id arrays of the step: the batch's, or each balance micro-batch's in its group rows [R/c, c*C]
+    (a split document is one sequence, so its attention FLOPs are counted over the whole group row)."""
+    if "micro_batches" not in host_batch:
+        return [host_batch["segment_ids"]]
+    return [group_rows(np.asarray(mb["segment_ids"]), int(mb["context"])) for mb in host_batch["micro_batches"]]
 
 
 def evaluate(config: Config, session: "setup.Session", params: Any, eval_fn) -> dict:
@@ -115,8 +132,12 @@ def train(config: Config) -> TrainResult:
         state = program.init(jax.random.PRNGKey(config.train.seed))
     start_step = int(jax.device_get(state["step"]))
 
+    balanced = config.data.balance.enabled
     t0 = time.perf_counter()  # compile once ahead of time, so step times are step times
-    train_step = program.train_step.lower(abstract_state, session.abstract_batch()).compile()
+    if balanced:  # one program per (c, C) in the plans, compiled on first use (the shapes come with the data)
+        train_step = BalancedStep(config, program.optimizer, program.schedule, state_shardings)
+    else:
+        train_step = program.train_step.lower(abstract_state, session.abstract_batch()).compile()
     compile_s = time.perf_counter() - t0
     eval_fn = jax.jit(make_eval_step(config, session.runtime), in_shardings=(state_shardings["params"],
                                                                               session.batch_sharding))
@@ -127,7 +148,8 @@ def train(config: Config) -> TrainResult:
     progress = make_progress(config.logging.progress, total_steps, start_step, main)
     if latest is not None:
         progress.message(f"resumed from checkpoint step {latest} in {ckpt.directory}")
-    progress.message(f"compiled the train step in {compile_s:.1f}s; mesh "
+    progress.message(("balance mode: one program per (c, C), compiled on first use" if balanced else
+                      f"compiled the train step in {compile_s:.1f}s") + "; mesh "
                      + " x ".join(f"{k}={v}" for k, v in session.mesh.shape.items()))
     peak = peak_flops_per_device(jax.devices()[0].device_kind)
     profile = tuple(config.train.profile_steps or ())
@@ -152,18 +174,23 @@ def train(config: Config) -> TrainResult:
                     tracing = True
                 host_batch = next(session.dataset)
                 if step in inject_nan:  # fault injection: a NaN batch, so the skip path runs on the real program
-                    host_batch = {**host_batch, "loss_mask": np.full_like(host_batch["loss_mask"], np.nan)}
+                    host_batch = _nan_batch(host_batch)
                 t0 = time.perf_counter()
-                state, metrics = train_step(state, session.put_batch(host_batch))
+                if balanced:
+                    progress.message(f"step {step + 1} plan {host_batch['plan'].describe()}")
+                    state, metrics = train_step(state, host_batch)
+                else:
+                    state, metrics = train_step(state, session.put_batch(host_batch))
                 record = _host_metrics(metrics)  # waits for the step: step time is real device time
                 dt = time.perf_counter() - t0
                 step += 1
                 if tracing and step - 1 == profile[-1]:
                     jax.profiler.stop_trace()
                     tracing = False
-                flops = train_flops(config.model, host_batch["segment_ids"])
+                segments = _segment_rows(host_batch)
+                flops = sum(train_flops(config.model, seg) for seg in segments)
                 record.update(kind="train", step=step, step_time_s=dt,
-                              tokens_per_s=float(np.sum(host_batch["segment_ids"] != 0)) / dt,
+                              tokens_per_s=float(sum(np.sum(seg != 0) for seg in segments)) / dt,
                               skipped=not record.pop("finite"),
                               mfu=(flops / dt / (peak[1] * jax.device_count())) if peak else None)
                 if step % config.logging.every == 0 or record["skipped"] or step == total_steps:

@@ -178,17 +178,7 @@ class LlamaFamilyConverter:
             raise UnsupportedConfigError(f"config.architecture={config.architecture!r} given to the "
                                          f"{self.model_type!r} exporter")
         self._check_exportable(config)
-        out = {
-            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-            "head_dim": config.resolved_head_dim, "hidden_act": "silu",
-            "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
-            "rope_parameters": _rope_to_hf(config), "tie_word_embeddings": config.tie_embeddings,
-            "initializer_range": config.init_std, "attention_dropout": 0.0,
-            "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
-            "eos_token_id": _eos_to_hf(config.eos_token_id), "use_cache": True,
-        }
+        out = decoder_fields_to_hf(config)
         if r.qkv_bias_key:
             out[r.qkv_bias_key] = config.attention_bias
         if r.has_mlp_bias:
@@ -262,6 +252,21 @@ def _eos_to_hf(eos):
     if eos is None:
         return None
     return eos[0] if len(eos) == 1 else list(eos)
+
+
+def decoder_fields_to_hf(config: ModelConfig) -> dict:
+    """The config.json fields every decoder architecture we export shares (sizes, RoPE, norms, token ids)."""
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.resolved_head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": _rope_to_hf(config), "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.init_std, "attention_dropout": 0.0,
+        "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+        "eos_token_id": _eos_to_hf(config.eos_token_id), "use_cache": True,
+    }
 
 
 # Tensor transforms. HF nn.Linear.weight is [out, in]; our kernels are [in, *out].

@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from longtrain.config import ModelConfig
-from longtrain.hf.llama_family import (_Fields, _eos_to_hf, _heads_to_linear, _heads_to_out, _linear_to_heads,
-                                       _out_to_heads, _rope_from_hf, _rope_to_hf, _same, _transpose)
+from longtrain.hf.llama_family import (_Fields, _heads_to_linear, decoder_fields_to_hf, _heads_to_out, _linear_to_heads,
+                                       _out_to_heads, _rope_from_hf, _same, _transpose)
 from longtrain.hf.registry import TensorSpec, UnsupportedConfigError
 from longtrain.hf.safetensors_io import CheckpointFormatError
 from longtrain.models.lightning_block import lightning_slopes
@@ -130,18 +130,11 @@ class MiniMaxConverter:
             raise UnsupportedConfigError(f"model fields {problems} cannot be expressed in a Hugging Face 'minimax' "
                                          f"config")
         return {
-            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-            "head_dim": config.resolved_head_dim, "hidden_act": "silu",
-            "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
-            "rope_parameters": _rope_to_hf(config), "tie_word_embeddings": config.tie_embeddings,
-            "initializer_range": config.init_std, "attention_dropout": 0.0, "sliding_window": config.sliding_window,
+            **decoder_fields_to_hf(config), "sliding_window": config.sliding_window,
             "layer_types": resolved_layer_types(config), "block_size": config.lightning_block_size,
             "num_local_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
             "router_aux_loss_coef": config.router_aux_loss_coef, "router_jitter_noise": 0.0,
-            "output_router_logits": False, "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
-            "eos_token_id": _eos_to_hf(config.eos_token_id), "use_cache": True,
+            "output_router_logits": False,
             **{key: getattr(config, key) for key in _FACTORS},
         }
 

@@ -17,22 +17,26 @@ from jax.sharding import AxisType, Mesh
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 
-def resolve_axis_sizes(sizes: dict, num_devices: int) -> dict:
-    """Fill a single -1 so the product equals num_devices; raise naming the axis when sizes do not fit."""
+def resolve_axis_sizes(sizes: dict, num_devices: int, key_prefix: str = "") -> dict:
+    """Fill a single -1 so the product equals num_devices; raise naming the axis when sizes do not fit.
+
+    `key_prefix` names the axes in messages (the config loader passes "mesh." so errors name its keys)."""
     for name, size in sizes.items():
         if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
-            raise ValueError(f"mesh axis {name}={size!r} must be a positive int or -1 (fill)")
+            raise ValueError(f"mesh axis {key_prefix}{name}={size!r} must be a positive int or -1 (fill)")
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
-        raise ValueError(f"only one mesh axis may be -1 (fill); got {fill}")
+        raise ValueError(f"only one mesh axis may be -1 (fill); got {', '.join(key_prefix + n for n in fill)}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if fill:
         if num_devices % fixed:
-            raise ValueError(f"mesh axes {sizes} cannot fill {num_devices} devices: {fixed} does not divide it")
+            raise ValueError(f"{key_prefix}{fill[0]}=-1 cannot fill {num_devices} devices: the other axes multiply "
+                             f"to {fixed}, which does not divide {num_devices}")
         sizes = {**sizes, fill[0]: num_devices // fixed}
     elif fixed != num_devices:
-        raise ValueError(f"mesh axes {sizes} use {fixed} devices but {num_devices} are given; set one axis to -1 "
-                         "or pass devices=")
+        shape = " x ".join(f"{n}={s}" for n, s in sizes.items())
+        raise ValueError(f"mesh product must equal the device count: {shape} would use {fixed} devices but "
+                         f"{num_devices} devices are visible; set one axis to -1 or change the sizes")
     return sizes
 
 

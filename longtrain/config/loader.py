@@ -311,28 +311,15 @@ def to_yaml(config: Config) -> str:
 
 # ----------------------------------------------------------------------------------------------- cross-field rules
 def resolve_mesh_shape(mesh, num_devices: int) -> dict[str, int]:
-    """Axis sizes with at most one `-1` filled so that the product equals `num_devices`."""
+    """Axis sizes with at most one `-1` filled so that the product equals `num_devices` (the rule lives in
+    `longtrain.parallel.mesh`; imported here lazily so loading a config does not import JAX)."""
+    from longtrain.parallel.mesh import resolve_axis_sizes
+
     axes = {"data": mesh.data, "fsdp": mesh.fsdp, "context": mesh.context, "tensor": mesh.tensor}
-    for name, size in axes.items():
-        if size == 0:
-            raise ConfigError(f"mesh.{name}=0 is not allowed; use a positive size or -1 to fill")
-    fill = [name for name, size in axes.items() if size == -1]
-    if len(fill) > 1:
-        raise ConfigError(f"only one mesh axis may be -1 (fill), got {', '.join('mesh.' + n for n in fill)}")
-    fixed = math.prod(size for size in axes.values() if size != -1)
-    if fill:
-        if num_devices % fixed:
-            raise ConfigError(
-                f"mesh.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes multiply to {fixed}, "
-                f"which does not divide {num_devices}"
-            )
-        axes[fill[0]] = num_devices // fixed
-    elif fixed != num_devices:
-        shape = " x ".join(f"{n}={s}" for n, s in axes.items())
-        raise ConfigError(
-            f"mesh product must equal the device count: {shape} = {fixed}, but {num_devices} devices are visible"
-        )
-    return axes
+    try:
+        return resolve_axis_sizes(axes, num_devices, key_prefix="mesh.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_cross_fields(config: Config, *, num_devices: int | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from longtrain.parallel.blocks import Problem, block_bwd, block_fwd
+from longtrain.parallel.blocks import Problem, block_bwd, block_fwd, saving_out_lse
 
 
 def all_gather_attention_local(pb: Problem, q, k, v, seg):
@@ -28,21 +28,12 @@ def _all_gather(pb: Problem):
         seg_all = None if seg is None else gather(seg)
         return block_fwd(pb, q, gather(k), gather(v), q_idx, kv_idx, seg, seg_all)
 
-    @jax.custom_vjp
-    def attend(q, k, v, seg):
-        return forward(q, k, v, seg)[0].astype(q.dtype)
-
-    def attend_fwd(q, k, v, seg):
-        out, lse = forward(q, k, v, seg)
-        return out.astype(q.dtype), (q, k, v, seg, out, lse)
-
-    def attend_bwd(res, dout):
-        q, k, v, seg, out, lse = res
+    def backward(inputs, out, lse, dout):
+        q, k, v, seg = inputs
         q_idx, kv_idx = indices(q)
         seg_all = None if seg is None else gather(seg)
         dq, dk_all, dv_all = block_bwd(pb, q, gather(k), gather(v), out, lse, dout, q_idx, kv_idx, seg, seg_all)
         scatter = lambda x: jax.lax.psum_scatter(x, ax, scatter_dimension=1, tiled=True)
         return dq.astype(q.dtype), scatter(dk_all).astype(k.dtype), scatter(dv_all).astype(v.dtype), None
 
-    attend.defvjp(attend_fwd, attend_bwd)
-    return attend
+    return saving_out_lse(forward, backward)

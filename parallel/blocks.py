@@ -82,23 +82,39 @@ def ring_perm(size: int, shift: int, stride: int = 1):
     return [(i, (i + shift * stride) % size) for i in range(size)]
 
 
+def saving_out_lse(forward, backward):
+    """An attention op whose custom VJP saves only its inputs and the fp32 (out, lse) of `forward`.
+
+    `forward(q, *rest) -> (out fp32, lse)`; `backward(inputs, out, lse, dout) -> cotangents of inputs` (None for
+    integer inputs). The op returns out in q's dtype. Every strategy's VJP has this shape; only the two
+    functions differ."""
+
+    @jax.custom_vjp
+    def attend(*inputs):
+        return forward(*inputs)[0].astype(inputs[0].dtype)
+
+    def attend_fwd(*inputs):
+        out, lse = forward(*inputs)
+        return out.astype(inputs[0].dtype), (inputs, out, lse)
+
+    def attend_bwd(res, dout):
+        inputs, out, lse = res
+        return backward(inputs, out, lse, dout)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend
+
+
 def local_attention_vjp(pb: Problem):
     """Single-block attention with a custom VJP saving only (out fp32, lse): q [B,T,..] against k/v [B,S,..] with
     explicit global indices and segment ids. Used by all_to_all-style strategies after their collectives."""
 
-    @jax.custom_vjp
-    def attend(q, k, v, q_index, kv_index, q_seg, kv_seg):
-        out, _ = block_fwd(pb, q, k, v, q_index, kv_index, q_seg, kv_seg)
-        return out.astype(q.dtype)
+    def forward(q, k, v, q_index, kv_index, q_seg, kv_seg):
+        return block_fwd(pb, q, k, v, q_index, kv_index, q_seg, kv_seg)
 
-    def fwd(q, k, v, q_index, kv_index, q_seg, kv_seg):
-        out, lse = block_fwd(pb, q, k, v, q_index, kv_index, q_seg, kv_seg)
-        return out.astype(q.dtype), (q, k, v, q_index, kv_index, q_seg, kv_seg, out, lse)
-
-    def bwd(res, dout):
-        q, k, v, q_index, kv_index, q_seg, kv_seg, out, lse = res
+    def backward(inputs, out, lse, dout):
+        q, k, v, q_index, kv_index, q_seg, kv_seg = inputs
         dq, dk, dv = block_bwd(pb, q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
-    attend.defvjp(fwd, bwd)
-    return attend
+    return saving_out_lse(forward, backward)

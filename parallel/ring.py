@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longtrain.parallel.blocks import Problem, block_bwd, block_fwd, merge, ring_perm
+from longtrain.parallel.blocks import Problem, block_bwd, block_fwd, merge, ring_perm, saving_out_lse
 
 
 def ring_attention_local(pb: Problem, q, k, v, seg, tok=None):
@@ -77,17 +77,8 @@ def _ring(pb: Problem, group: int):
         (block, acc), _ = jax.lax.scan(body, (nxt, acc), jnp.arange(1, P - 1))
         return merge(acc, compute(block, P - 1))
 
-    @jax.custom_vjp
-    def attend(q, k, v, seg, tok):
-        out, _ = forward(q, k, v, seg, tok)
-        return out.astype(q.dtype)
-
-    def attend_fwd(q, k, v, seg, tok):
-        out, lse = forward(q, k, v, seg, tok)
-        return out.astype(q.dtype), (q, k, v, seg, tok, out, lse)
-
-    def attend_bwd(res, dout):
-        q, k, v, seg, tok, out, lse = res
+    def backward(inputs, out, lse, dout):
+        q, k, v, seg, tok = inputs
         rank = ring_rank()
         B = q.shape[0]
         q_idx = indices(rank, B) if tok is None else tok
@@ -120,5 +111,4 @@ def _ring(pb: Problem, group: int):
             dk, dv = jax.lax.ppermute(pending, ax, fwd_perm)  # last hop home
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
-    attend.defvjp(attend_fwd, attend_bwd)
-    return attend
+    return saving_out_lse(forward, backward)

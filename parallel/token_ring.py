@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax
 
-from longtrain.parallel.blocks import Problem, block_bwd, block_fwd, merge, shift_perm
+from longtrain.parallel.blocks import Problem, block_bwd, block_fwd, merge, saving_out_lse, shift_perm
 
 
 def token_ring_attention_local(pb: Problem, q, k, v, seg):
@@ -64,16 +64,8 @@ def _token_ring(pb: Problem):
         acc, _ = run(trav, own, None, partial_of, merge)
         return acc
 
-    @jax.custom_vjp
-    def attend(q, k, v, seg):
-        return forward(q, k, v, seg)[0].astype(q.dtype)
-
-    def attend_fwd(q, k, v, seg):
-        out, lse = forward(q, k, v, seg)
-        return out.astype(q.dtype), (q, k, v, seg, out, lse)
-
-    def attend_bwd(res, dout):
-        q, k, v, seg, out, lse = res
+    def backward(inputs, out, lse, dout):
+        q, k, v, seg = inputs
         rank = jax.lax.axis_index(ax)
         B = q.shape[0]
         kv_idx = pb.indices_of_rank(rank, B)
@@ -90,5 +82,4 @@ def _token_ring(pb: Problem):
         dq, (dk, dv) = run(trav, dq, (dk, dv), partial_of, lambda a, b: a + b)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
-    attend.defvjp(attend_fwd, attend_bwd)
-    return attend
+    return saving_out_lse(forward, backward)

@@ -81,12 +81,16 @@ def _local_fn(strategy: str, pb: Problem, ulysses_degree):
 
 def context_attention(q, k, v, *, mesh, strategy="auto", layout="zigzag", segment_ids=None, causal=True,
                       sliding_window=None, scale=None, impl="auto", ulysses_degree=None, token_index=None,
-                      **block_kwargs):
+                      ring_region=None, **block_kwargs):
     """Softmax attention with the sequence axis split over mesh axis `context` (arrays in layout order).
 
     `token_index` [B,N] int32 (ring only; 'auto' then means ring): the causal / sliding-window index of every
     token in the arrays' order, sharded like segment_ids, used instead of the layout's global indices (balance
     mode: split documents lie zigzag in the buffer and positions restart per document).
+    `ring_region` (with token_index; static int S, 0 <= S <= N/P): only the first S tokens of every rank's block
+    take part in ring traffic; queries after them attend to their own rank's block only, with no communication
+    (balance mode: split documents fill the first S tokens, whole documents follow; a whole document may start
+    inside the region, since its later tokens see the whole local block). None: the whole block rings.
     `block_kwargs` go to the kernel block entries (e.g. interpret=True for Pallas on CPU)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not a sequence layout; expected one of {LAYOUTS}")
@@ -98,6 +102,8 @@ def context_attention(q, k, v, *, mesh, strategy="auto", layout="zigzag", segmen
         raise ValueError(f"num_heads={Hq} must be a multiple of num_kv_heads={Hkv}")
     if segment_ids is not None and segment_ids.shape != (B, N):
         raise ValueError(f"segment_ids shape {segment_ids.shape} must be (batch, seq) = {(B, N)}")
+    if ring_region is not None and token_index is None:
+        raise ValueError("ring_region needs an explicit token_index (balance mode); got token_index=None")
     if token_index is not None:
         if token_index.shape != (B, N):
             raise ValueError(f"token_index shape {token_index.shape} must be (batch, seq) = {(B, N)}")
@@ -127,12 +133,18 @@ def context_attention(q, k, v, *, mesh, strategy="auto", layout="zigzag", segmen
     constrain = lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s))
     q, k, v = (constrain(x, spec) for x in (q, k, v))
     if token_index is not None:
-        from longtrain.parallel.ring import ring_attention_local
+        from longtrain.parallel.ring import ring_attention_local, ring_region_attention_local
 
         seg_in = (jax.numpy.ones((B, N), jax.numpy.int32) if segment_ids is None else segment_ids)
         tok_in = constrain(token_index.astype(jax.numpy.int32), seg_spec)
-        mapped = jax.shard_map(lambda q, k, v, s, t: ring_attention_local(pb, q, k, v, s, t), mesh=mesh,
-                               in_specs=(spec, spec, spec, seg_spec, seg_spec), out_specs=spec, check_vma=False)
+        if ring_region is None:
+            local = lambda q, k, v, s, t: ring_attention_local(pb, q, k, v, s, t)  # noqa: E731
+        else:
+            if not 0 <= ring_region <= N // P:
+                raise ValueError(f"ring_region={ring_region} must lie in [0, {N // P}] (tokens per rank)")
+            local = lambda q, k, v, s, t: ring_region_attention_local(pb, q, k, v, s, t, ring_region)  # noqa: E731
+        mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec), out_specs=spec,
+                               check_vma=False)
         return mapped(q, k, v, constrain(seg_in, seg_spec), tok_in)
     if segment_ids is None:
         mapped = jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),

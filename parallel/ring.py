@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longtrain.parallel.blocks import Problem, block_bwd, block_fwd, merge, ring_perm, saving_out_lse
+from longtrain.parallel.blocks import (Problem, block_bwd, block_fwd, local_attention_vjp, merge, ring_perm,
+                                      saving_out_lse)
 
 
 def ring_attention_local(pb: Problem, q, k, v, seg, tok=None):
@@ -24,6 +25,24 @@ def ring_attention_local(pb: Problem, q, k, v, seg, tok=None):
     when split documents sit in zigzag order). Given, it replaces the layout's indices for q and travels with
     K/V around the ring like the kv segment ids; None sends exactly the bytes it did before."""
     return _ring(pb, 1)(q, k, v, seg, tok)
+
+
+def ring_region_attention_local(pb: Problem, q, k, v, seg, tok, region: int):
+    """Ring attention for the first `region` tokens of every rank's block, local attention for the rest.
+
+    Queries in [0, region) attend over the ring to the first `region` tokens of every rank (only those bytes
+    travel); queries in [region, n) attend to this rank's whole block [0, n), which also serves a document that
+    starts inside the region and continues after it. Correct whenever no document in [region, n) has tokens on
+    another rank (balance mode: split documents live in the region). `tok` [B,n] is required (causal index)."""
+    n = q.shape[1]
+    if region == n:
+        return ring_attention_local(pb, q, k, v, seg, tok)
+    tail = local_attention_vjp(pb)(q[:, region:], k, v, tok[:, region:], tok, seg[:, region:], seg)
+    if region == 0:
+        return tail
+    head = ring_attention_local(pb, q[:, :region], k[:, :region], v[:, :region], seg[:, :region],
+                                tok[:, :region])
+    return jnp.concatenate([head, tail], axis=1)
 
 
 def ring_attention_grouped(pb: Problem, q, k, v, seg, group: int):

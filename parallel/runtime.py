@@ -15,11 +15,14 @@ class ParallelRuntime:
     """Holds the mesh, the context strategy and layout, and the kernel impls."""
 
     def __init__(self, mesh, *, strategy="auto", layout="zigzag", attention_impl="auto", lightning_impl="auto",
-                 lightning_block_size=64, ulysses_degree=None, lightning_variant="all_gather", token_index=None):
+                 lightning_block_size=64, ulysses_degree=None, lightning_variant="all_gather", token_index=None,
+                 ring_region=None):
         """`token_index` [B,N] int32 (optional, usually traced): explicit causal index per token for the ring
-        strategy (balance mode builds one runtime per micro-batch with token_index=positions)."""
+        strategy (balance mode builds one runtime per micro-batch with token_index=positions). `ring_region` (static
+        int S, with token_index): only the first S tokens of each rank's block ring; the rest attend locally."""
         self.mesh = mesh
         self.token_index = token_index
+        self.ring_region = ring_region
         self.strategy = strategy
         self.layout = layout
         self.attention_impl = attention_impl
@@ -41,7 +44,7 @@ class ParallelRuntime:
         return context_attention(q, k, v, mesh=self.mesh, strategy=self.strategy, layout=self.layout,
                                  segment_ids=segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
                                  impl=self.attention_impl, ulysses_degree=self.ulysses_degree,
-                                 token_index=self.token_index)
+                                 token_index=self.token_index, ring_region=self.ring_region)
 
     def lightning_attention(self, q, k, v, slope, *, segment_ids):
         if self.token_index is not None:

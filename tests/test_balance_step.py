@@ -31,11 +31,14 @@ def test_executed_plan_matches_one_big_batch():
     params = jax.jit(lambda key: models.init(config.model, key))(jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
     R, C = 8, 48
-    lengths = np.array([150, 70, 33, 20, 12, 9, 40, 25, 5, 17, 30, 8])  # 150 > C: split over >= 4 ranks
+    # 150 > C: split over >= 4 ranks; the short documents stay whole after the split region (some start inside it)
+    lengths = np.array([150, 33, 20, 12, 9, 25, 5, 17, 8, 6, 7, 11, 3, 14, 9, 10, 4, 13, 22, 6, 9])
     docs = [Document.from_tokens(rng.integers(0, 64, n)) for n in lengths]
     n_targets = count_targets(docs)
     plan = schedule(lengths, R, C, "balanced")
     assert max(plan.context_degrees) >= 4 and len(set(plan.context_degrees)) >= 2, plan.describe()
+    # the ring carries only the split region: whole documents on ranks of c > 1 groups attend locally
+    assert any(mb.context > 1 and mb.split_region < C and any(mb.rank_docs) for mb in plan.micro_batches)
     micro = [dict(arrays, context=mb.context) for mb, arrays in zip(plan.micro_batches, plan_to_batches(plan, docs))]
 
     runner = BalancedStep(config)

@@ -63,3 +63,80 @@ def test_token_index_refused_by_other_strategies():
     tok = jnp.zeros((1, 16), jnp.int32)
     with pytest.raises(ValueError, match="ulysses"):
         context_attention(q, k, v, mesh=context_mesh(2), strategy="ulysses", layout="contiguous", token_index=tok)
+
+
+def _split_region_batch(rng, P, n, S, B=1):
+    """Rank blocks as balance mode lays them out: the first S-2 slots of every rank hold two split documents'
+    tokens scattered over all ranks (causality only from token_index); each rank's slots S-2.. hold its own whole
+    documents, the first of which starts inside the region and ends after it; the last slot is padding (0)."""
+    N = P * n
+    seg = np.zeros((B, N), np.int32)
+    tok = np.zeros((B, N), np.int32)
+    for b in range(B):
+        slots = np.concatenate([r * n + np.arange(S - 2) for r in range(P)])
+        la = int(rng.integers(1, len(slots)))
+        ids = np.where(np.arange(len(slots)) < la, 1, 2)
+        pos = np.where(ids == 1, np.arange(len(slots)), np.arange(len(slots)) - la)
+        perm = rng.permutation(len(slots))
+        seg[b, slots[perm]], tok[b, slots[perm]] = ids, pos
+        next_id = 3
+        for r in range(P):
+            start, end = r * n + S - 2, (r + 1) * n - 1  # [start, end): whole docs; end: padding
+            cuts = np.sort(rng.choice(np.arange(start + 3, end), size=2, replace=False))  # first doc straddles S
+            for a, z in zip((start, *cuts), (*cuts, end)):
+                seg[b, a:z], tok[b, a:z] = next_id, np.arange(z - a)
+                next_id += 1
+    return jnp.asarray(seg), jnp.asarray(tok)
+
+
+def test_ring_region_matches_dense_reference():
+    """Only the first S tokens per rank ring; whole documents after them (one straddling S) attend locally."""
+    P, n, S, D = 4, 16, 6, 8
+    rng = np.random.default_rng(5)
+    seg, tok = _split_region_batch(rng, P, n, S, B=2)
+    q, k, v, dout = qkv(rng, 2, P * n, 4, 2, D)
+    out_ref, vjp_ref = jax.vjp(lambda q, k, v: dense_reference(q, k, v, seg, tok), q, k, v)
+    g_ref = vjp_ref(dout)
+    f = jax.jit(lambda q, k, v: context_attention(q, k, v, mesh=context_mesh(P), strategy="ring",
+                                                  layout="contiguous", segment_ids=seg, token_index=tok,
+                                                  ring_region=S, impl="xla"))
+    out, vjp = jax.vjp(f, q, k, v)
+    assert_close(out, out_ref, 1e-5, "out")
+    for name, a, b in zip(("dq", "dk", "dv"), vjp(dout), g_ref):
+        assert_close(a, b, 1e-4, name)
+
+
+def test_ring_region_sends_only_the_region():
+    """Ring bytes (forward + backward) scale with the region S, not the block n: the whole documents after the
+    region never travel."""
+    from longtrain.parallel.hlo_comm import bytes_per_collective
+
+    P, n, D = 4, 32, 8
+    rng = np.random.default_rng(0)
+    q, k, v, dout = qkv(rng, 1, P * n, 4, 2, D)
+    seg = jnp.ones((1, P * n), jnp.int32)
+    tok = jnp.asarray(np.arange(P * n, dtype=np.int32)[None])
+    mesh = context_mesh(P)
+
+    def ring_bytes(region):
+        def loss(q, k, v):
+            out = context_attention(q, k, v, mesh=mesh, strategy="ring", layout="contiguous", segment_ids=seg,
+                                    token_index=tok, ring_region=region, impl="xla")
+            return jnp.sum(out * dout)
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+        return bytes_per_collective(hlo, P).get("collective-permute", 0)
+
+    full, region, none = ring_bytes(n), ring_bytes(n // 4), ring_bytes(0)
+    assert full > 0 and none == 0
+    assert region == pytest.approx(full / 4, rel=0.02), (region, full)
+
+
+def test_ring_region_needs_token_index_and_fits_the_block():
+    rng = np.random.default_rng(0)
+    q, k, v, _ = qkv(rng, 1, 16, 4, 2, 8)
+    tok = jnp.zeros((1, 16), jnp.int32)
+    with pytest.raises(ValueError, match="token_index"):
+        context_attention(q, k, v, mesh=context_mesh(2), strategy="ring", layout="contiguous", ring_region=4)
+    with pytest.raises(ValueError, match="ring_region=9"):
+        context_attention(q, k, v, mesh=context_mesh(2), strategy="ring", layout="contiguous", token_index=tok,
+                          ring_region=9)

@@ -6,9 +6,10 @@ context group g, so the micro-batch runs on the same devices viewed as a mesh da
 cached, per c) with the [R, C] buffers reshaped to [R/c, c*C] group rows: the context axis then hands each
 device exactly its own rank buffer. Split documents lie zigzag in those buffers, so attention takes its causal
 index from `positions` (restarting per document) through the ring's explicit `token_index`, never from buffer
-offsets. Every micro-batch adds (sum of masked token losses, its gradient) to replicated accumulators; the
+offsets. Only the split region (the first `split_region` = S tokens of every rank buffer, which holds the split
+documents' shards) takes part in ring traffic; the whole documents after it attend locally (`ring_region=S`). Every micro-batch adds (sum of masked token losses, its gradient) to replicated accumulators; the
 global target count divides once, in `step.apply_gradients`, like the normal step (same clipping, AdamW, NaN
-skip). Programs: one jit per (c, C) for the micro-batch and one for the update.
+skip). Programs: one jit per (c, C, S) for the micro-batch and one for the update.
 
 Restrictions (checked in `check_balance_config`): parameters replicated (mesh.fsdp = mesh.tensor = 1) and
 optim.mode = full, because the per-c meshes would otherwise need their own parameter shardings.
@@ -78,9 +79,10 @@ class BalancedStep:
             self._meshes[c] = make_mesh(data=R // c, fsdp=1, context=c, tensor=1, devices=self.devices)
         return self._meshes[c]
 
-    def _micro_program(self, c: int, C: int):
-        """jit of (params, acc_loss, acc_grads, group batch) -> accumulators + this micro-batch's sums."""
-        key = (c, C)
+    def _micro_program(self, c: int, C: int, S: int):
+        """jit of (params, acc_loss, acc_grads, group batch) -> accumulators + this micro-batch's sums; the first
+        S tokens of each rank buffer ring over the c ranks of a group, the rest attend locally."""
+        key = (c, C, S)
         if key not in self._micro:
             from longtrain.parallel import ParallelRuntime
 
@@ -94,7 +96,7 @@ class BalancedStep:
                                               attention_impl=config.model.attention_impl,
                                               lightning_impl=config.model.lightning_impl,
                                               lightning_block_size=config.model.lightning_block_size,
-                                              token_index=batch["positions"])
+                                              token_index=batch["positions"], ring_region=S)
                     return loss_sum(config, p, batch, runtime)
 
                 loss, grads = jax.value_and_grad(f)(params)
@@ -131,8 +133,8 @@ class BalancedStep:
                 acc_loss, acc_grads = jax.device_put((acc_loss, acc_grads), replicated)
             cur = c
             batch = self.put_micro_batch(mb)
-            acc_loss, acc_grads = self._micro_program(c, batch["tokens"].shape[1] // c)(p, acc_loss, acc_grads,
-                                                                                       batch)
+            program = self._micro_program(c, batch["tokens"].shape[1] // c, int(mb["split_region"]))
+            acc_loss, acc_grads = program(p, acc_loss, acc_grads, batch)
         if acc_grads is None:
             raise ValueError("balance-mode step has no micro-batches")
         return acc_loss, acc_grads

@@ -138,8 +138,8 @@ class ShapeMenu:
 
     Keep one menu for a whole run and pass it to every `schedule(..., menu=menu)` call; it is part of the
     loader state (`get_state`/`set_state`) so a resumed run makes the same plans. A split region first reuses
-    the smallest known S for that c that is large enough (unless a new size would be under half of it), and a
-    new shape is only opened while the menu has room.
+    the smallest known S for that c that is large enough or, while the menu has room, a new tighter one (both
+    are offered to the scheduler).
     """
 
     def __init__(self, max_shapes: int = 8, shapes=()):
@@ -148,15 +148,20 @@ class ShapeMenu:
         self.max_shapes = max_shapes
         self.shapes: set[tuple[int, int]] = {tuple(x) for x in shapes}
 
-    def region(self, context: int, tokens: int, min_region: int, capacity: int) -> int | None:
-        """S for a split region of `tokens` per rank at degree `context`, or None if no shape may hold it."""
+    def regions(self, context: int, tokens: int, min_region: int, capacity: int) -> list[int]:
+        """Candidate S for a split region of `tokens` per rank at degree `context` (empty: no shape may hold it):
+        the smallest known S that holds it, and a fresh, tighter S while the menu has room. Both are offered
+        because a larger reused S costs ring time (comm * S * (c-1)) and a fresh one costs a compile and a menu
+        slot; the scheduler keeps whichever plan simulates faster."""
+        room = len(self.shapes) < self.max_shapes
         if context == 1:
-            return 0 if (1, 0) in self.shapes or len(self.shapes) < self.max_shapes else None
+            return [0] if (1, 0) in self.shapes or room else []
         fresh = _region_size(tokens, min_region, capacity)
         known = [S for (c, S) in self.shapes if c == context and S >= tokens]
-        if known and (min(known) <= 2 * fresh or len(self.shapes) >= self.max_shapes):
-            return min(known)
-        return fresh if len(self.shapes) < self.max_shapes else None
+        out = [min(known)] if known else []
+        if room and (not out or fresh < out[0]):
+            out.append(fresh)
+        return out
 
     def add(self, shapes) -> None:
         self.shapes.update(shapes)

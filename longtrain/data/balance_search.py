@@ -31,8 +31,8 @@ def _group_prefixes(by_cost: list[int], ks: list[int], c: int, lengths, doc_cost
     """Split the k heaviest documents over the R/c groups, for every k in `ks` (ascending) in one greedy pass.
 
     Each document goes to the group with the least compute share that has room for its shard (ties: fewer
-    tokens). Yields (k, group_docs, per-rank region time, per-rank region tokens, S) for every k whose region
-    the shape menu can hold; stops at the first document that fits nowhere.
+    tokens). Yields (k, group_docs, per-rank region time, per-rank region tokens, S) for every k and every
+    region S the shape menu offers for it; stops at the first document that fits nowhere.
     """
     G = R // c
     group_docs: list[list[int]] = [[] for _ in range(G)]
@@ -42,8 +42,7 @@ def _group_prefixes(by_cost: list[int], ks: list[int], c: int, lengths, doc_cost
     share = [0.0] * G
     wanted = set(ks)
     for i in range(max(ks) + 1):
-        region = menu.region(c, max(tokens), min_region, C) if i in wanted else None
-        if region is not None:
+        for region in (menu.regions(c, max(tokens), min_region, C) if i in wanted else ()):
             times = [cost.region(attn[g], cost.linear * whole[g], region, c) for g in range(G)]
             yield (i, [list(x) for x in group_docs], [times[r // c] for r in range(R)],
                    [tokens[r // c] for r in range(R)], region)
@@ -199,14 +198,20 @@ def _best_micro_batch(docs: list[int], lengths: list[int], doc_cost: list[float]
             estimates.append((max(level, min(work) + heaviest_local), c, k, region, group_docs, work, tokens))
         c *= 2
     estimates.sort(key=lambda e: e[0])
-    best, packed = None, 0
-    for est, c, k, region, group_docs, work, tokens in estimates:
-        if not math.isfinite(est) or packed == keep:
-            break
+    # the estimate can misrank degrees (it water-fills whole documents): the best candidate of every c is packed
+    # too, not only the `keep` best overall
+    first_of_c = {}
+    for i, e in enumerate(estimates):
+        first_of_c.setdefault(e[1], i)
+    chosen = set(range(min(keep, len(estimates)))) | set(first_of_c.values())
+    best = None
+    for i, (est, c, k, region, group_docs, work, tokens) in enumerate(estimates):
+        if i not in chosen or not math.isfinite(est):
+            continue
         got = _fill_ranks(by_cost[k:], work, tokens, lengths, doc_cost, R, C)
         if got is None:  # the whole documents did not fit (fragmentation): try the next candidate
+            chosen.add(i + 1)
             continue
-        packed += 1
         if best is None or got[1] < best[1]:
             best = (MicroBatch(c, region, group_docs, got[0]), got[1])
     return best

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("longtrain.commands.plan", "compile the train step ahead of time: per-device memory and communication"),
     "import": ("longtrain.commands.import_hf", "import a Hugging Face model folder as a longtrain checkpoint"),
     "export": ("longtrain.commands.export_hf", "export a longtrain checkpoint as a Hugging Face model folder"),
+    "index-lengths": ("longtrain.commands.index_lengths", "token-length index of a file corpus (balance mode)"),
 }
 
 

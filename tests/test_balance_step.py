@@ -63,20 +63,46 @@ def test_balance_mode_refuses_sharded_parameters():
         check_balance_config(_config(fsdp=2))
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BALANCE_RUN = ["train", "configs/tiny_cpu.yaml", "data.balance.enabled=true", "mesh.data=8", "mesh.context=1",
+               "data.synthetic_lengths=long_tail", "data.seq_len=128", "model.num_layers=1", "train.steps=3",
+               "optim.warmup_steps=1", "train.eval_every=0", "train.export_hf=false", "checkpoint.enabled=false",
+               "logging.every=1", "logging.wandb_mode=disabled", "logging.progress=plain"]
+
+
+def _train_losses(out) -> list[float]:
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [r["loss"] for r in records if r.get("kind") == "train"]
+
+
 def test_trainer_runs_balance_mode(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "longtrain", "train", "configs/tiny_cpu.yaml", "--devices", "8",
-           "data.balance.enabled=true", "mesh.data=8", "mesh.context=1", "data.synthetic_lengths=long_tail",
-           "data.seq_len=128", "model.num_layers=1", "train.steps=3", "optim.warmup_steps=1", "train.eval_every=0",
-           "train.export_hf=false",
-           "checkpoint.enabled=false", "logging.every=1", "logging.wandb_mode=disabled", "logging.progress=plain",
-           f"train.output_dir={out}"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "longtrain", *BALANCE_RUN, "--devices", "8", f"train.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     plans = [line for line in text.splitlines() if "micro-batch(es) [" in line]
     assert len(plans) == 3 and all("c=" in p for p in plans), text[-3000:]
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    losses = [r["loss"] for r in records if r.get("kind") == "train"]
-    assert len(losses) == 3 and all(np.isfinite(losses)), records
+    losses = _train_losses(out)
+    assert len(losses) == 3 and all(np.isfinite(losses)), losses
+    (tmp_path / "losses.json").write_text(json.dumps(losses))
+
+
+@pytest.mark.multiprocess
+def test_balance_mode_two_processes_read_their_share_and_equal_one_process(tmp_path):
+    """2 processes x 4 devices (jax.distributed, gloo): each process builds only its 4 ranks' rows of every
+    micro-batch (the plan is global), and the losses equal the 1-process 8-device run."""
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "longtrain", *BALANCE_RUN, "--devices", "8",
+                        f"train.output_dir={one}"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    two = tmp_path / "two"
+    env = {**os.environ, "LONGTRAIN_LOG_DIR": str(tmp_path)}
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "--processes", "2",
+                        "--devices-per-process", "4", *BALANCE_RUN, f"train.output_dir={two}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    other = (tmp_path / "longtrain_proc1.log").read_text() if (tmp_path / "longtrain_proc1.log").exists() else ""
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:] + other[-3000:]
+    want, got = _train_losses(one), _train_losses(two)
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-5), (got, want)

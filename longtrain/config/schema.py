@@ -128,6 +128,8 @@ class BalanceConfig:
                                                     "fill * num_ranks * capacity")
     fill: float = knob(0.98, gt=0, le=1, help="the loader fills each step to this fraction of ranks x capacity")
     max_shapes: int = knob(8, ge=1, help="distinct (c, split region) programs per run (method=balanced)")
+    length_index: str | None = knob(None, help="token-length index folder (`longtrain index-lengths`): each "
+                                               "process then reads only the documents on its ranks")
 
 
 @dataclasses.dataclass

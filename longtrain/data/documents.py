@@ -2,7 +2,9 @@
 
 `document_dataset(data_config, ...)` is a grain `MapDataset` (random access, deterministic for a seed) whose items
 are `packing.Document`s, or `BadDoc`s for records that cannot be used (counted and skipped by the iterators
-through `BadDataLog`, or raised in strict mode).
+through `BadDataLog`, or raised in strict mode). The arrangement of records (share, shuffle, repeat, mix) is
+`arrange`, shared with the token-length index (`length_index.lengths_dataset`), so item i of one describes item i
+of the other.
 """
 from __future__ import annotations
 
@@ -60,43 +62,69 @@ class Tokenize:
         return doc
 
 
-def _file_dataset(patterns: list[str], kind: str | None, text_field: str, key: str) -> grain.MapDataset:
-    return grain.MapDataset.source(sources.open_files(sources.expand_paths(patterns, key), kind, text_field))
+def source_files(cfg, *, eval: bool = False) -> list[list[str]]:
+    """The files of each part of a file source: one part (every file of data.paths), or one per data.paths entry
+    of a mixture (a pattern's files read as one). Files are expanded and checked (missing ones fail, named)."""
+    paths = cfg.eval_paths if eval else cfg.paths
+    key = "data.eval_paths" if eval else "data.paths"
+    if cfg.source == "mixture":
+        return [sources.expand_paths([p], key) for p in paths]
+    return [sources.expand_paths(paths, key)]
+
+
+def open_part(files: list[str], cfg):
+    """The random-access record source over one part's files (in order)."""
+    return sources.open_files(files, cfg.source if cfg.source in sources.KINDS else None, cfg.text_field)
+
+
+def make_tokenize(cfg) -> Tokenize:
+    """The record -> Document map of data.tokenizer / bos / eos settings."""
+    tokenizer = make_tokenizer(cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token)
+    return Tokenize(tokenizer, cfg.add_bos, cfg.add_eos)
+
+
+def arrange(parts: list, *, weights, shuffle_seed: int, process_index: int, process_count: int
+            ) -> tuple[grain.MapDataset, int]:
+    """Parts (random-access sources, one per mixture component) -> this process's share of each, shuffled with a
+    per-part seed, repeated forever, mixed by `weights`. Documents and their token lengths (the length index) both
+    go through this one function, so item i of one is item i of the other. -> (dataset, records per epoch)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    shards = []
+    for k, part in enumerate(parts):
+        part = grain.MapDataset.source(part)
+        if len(part) < process_count:
+            raise ValueError(f"a data source has {len(part)} records, fewer than process_count={process_count}")
+        shard = part[process_index::process_count]
+        shards.append(shard.shuffle(seed=shuffle_seed + k).repeat(None))
+    mixed = shards[0] if len(shards) == 1 else grain.MapDataset.mix(shards, weights)
+    # records per epoch of this share: a run of bad records that long means the data has nothing usable
+    return mixed, sum(len(part) // process_count + 1 for part in parts)
+
+
+def train_weights(cfg) -> list[float] | None:
+    """Mixture weights of the training stream (eval mixes its parts evenly)."""
+    return cfg.weights if cfg.source == "mixture" else None
 
 
 def document_dataset(cfg, *, seed: int, process_index: int = 0, process_count: int = 1, seq_len: int | None = None,
                      eval: bool = False) -> grain.MapDataset:
     """Endless, shuffled, tokenized documents of this process's share (see the module docstring)."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     seq_len = seq_len or cfg.seq_len
     paths = cfg.eval_paths if eval else cfg.paths
     if cfg.source == "synthetic" or (eval and not paths):
-        parts = [grain.MapDataset.source(synthetic.SyntheticSource(
+        parts = [synthetic.SyntheticSource(
             cfg.synthetic_task, min_len=min(cfg.synthetic_min_len, cfg.synthetic_max_len or seq_len),
             max_len=cfg.synthetic_max_len or seq_len, lengths=cfg.synthetic_lengths,
-            seed=seed + (_EVAL_SEED_OFFSET if eval else 0)))]
+            seed=seed + (_EVAL_SEED_OFFSET if eval else 0))]
         weights = None
-    elif cfg.source == "mixture":
-        key = "data.eval_paths" if eval else "data.paths"
-        parts = [_file_dataset([p], None, cfg.text_field, key) for p in paths]
-        weights = None if eval else cfg.weights
     else:
-        key = "data.eval_paths" if eval else "data.paths"
-        parts = [_file_dataset(paths, cfg.source if cfg.source in sources.KINDS else None, cfg.text_field, key)]
-        weights = None
-    shuffle_seed = seed + (_EVAL_SEED_OFFSET if eval else 0)
-    shards = []
-    for k, part in enumerate(parts):
-        if len(part) < process_count:
-            raise ValueError(f"a data source has {len(part)} records, fewer than process_count={process_count}")
-        shard = part[process_index::process_count]
-        shards.append(shard.shuffle(seed=shuffle_seed + k).repeat(None))
-    docs = shards[0] if len(shards) == 1 else grain.MapDataset.mix(shards, weights)
-    tokenizer = make_tokenizer(cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token)
-    docs = docs.map(Tokenize(tokenizer, cfg.add_bos, cfg.add_eos))
-    # records per epoch of this share: a run of bad records that long means the data has nothing usable
-    docs.epoch_length = sum(len(part) // process_count + 1 for part in parts)
+        parts = [open_part(files, cfg) for files in source_files(cfg, eval=eval)]
+        weights = None if eval else train_weights(cfg)
+    docs, epoch_length = arrange(parts, weights=weights, shuffle_seed=seed + (_EVAL_SEED_OFFSET if eval else 0),
+                                 process_index=process_index, process_count=process_count)
+    docs = docs.map(make_tokenize(cfg))
+    docs.epoch_length = epoch_length
     return docs
 
 
@@ -133,12 +161,19 @@ class BadDataLog:
         return {"skipped": self.skipped, "first_bad": self.first_bad, "by_reason": dict(self.by_reason)}
 
 
-def pieces_of(doc: Document, max_doc_len: int, split_long: bool, bad: "BadDataLog | None") -> list[Document]:
-    """The document, cut at `max_doc_len` (split_long) or skipped as too long (logged in `bad` when given)."""
-    if len(doc) <= max_doc_len:
-        return [doc]
+def piece_spans(length: int, origin: str, max_doc_len: int, split_long: bool, bad: "BadDataLog | None"
+                ) -> list[tuple[int, int]]:
+    """(start, length) of the pieces of a document of `length` tokens: itself, cut at `max_doc_len` (split_long),
+    or none when it is too long (logged in `bad` when given, naming `origin`)."""
+    if length <= max_doc_len:
+        return [(0, length)]
     if split_long:
-        return doc.split(max_doc_len)
+        return [(s, min(max_doc_len, length - s)) for s in range(0, length, max_doc_len)]
     if bad is not None:
-        bad.record(BadDoc(doc.origin, f"too long ({len(doc)} tokens > max_doc_len={max_doc_len}, split_long=false)"))
+        bad.record(BadDoc(origin, f"too long ({length} tokens > max_doc_len={max_doc_len}, split_long=false)"))
     return []
+
+
+def pieces_of(doc: Document, max_doc_len: int, split_long: bool, bad: "BadDataLog | None") -> list[Document]:
+    """The document as pieces (see `piece_spans`)."""
+    return [doc.slice(s, n) for s, n in piece_spans(len(doc), doc.origin, max_doc_len, split_long, bad)]

@@ -38,13 +38,17 @@ class Document:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def slice(self, start: int, length: int) -> "Document":
+        """Tokens [start, start+length) as a piece; its last token keeps its target from the whole document."""
+        end = start + length
+        return Document(self.tokens[start:end], self.targets[start:end],
+                        None if self.answer is None else self.answer[start:end], self.origin)
+
     def split(self, max_len: int) -> list["Document"]:
-        """Pieces of at most `max_len` tokens; each piece keeps its last token's target from the whole document."""
+        """Pieces of at most `max_len` tokens (see `slice`)."""
         if max_len < 1:
             raise ValueError(f"Document.split: max_len={max_len} must be >= 1")
-        return [Document(self.tokens[i:i + max_len], self.targets[i:i + max_len],
-                         None if self.answer is None else self.answer[i:i + max_len], self.origin)
-                for i in range(0, len(self.tokens), max_len)]
+        return [self.slice(i, max_len) for i in range(0, len(self.tokens), max_len)]
 
 
 def empty_rows(num_rows: int, capacity: int, *, answers: bool = False) -> dict[str, np.ndarray]:
@@ -113,7 +117,7 @@ def pack_rows(docs: list[Document], rows: list[list[int]], capacity: int, *, ans
     return out
 
 
-def plan_to_batches(plan, docs: list[Document]) -> list[dict]:
+def plan_to_batches(plan, docs, ranks: range | None = None) -> list[dict]:
     """Arrays for running a balance `Plan`: one dict per micro-batch, each key an array [R, capacity] in rank order.
 
     Rank r's buffer holds, in `Plan.placements()` order, its zigzag shards of the group's split documents and then
@@ -122,32 +126,51 @@ def plan_to_batches(plan, docs: list[Document]) -> list[dict]:
     in their document (shards are not contiguous: attention must use positions and segment ids, not buffer
     offsets, for causality). Segment ids number the documents of a micro-batch 1, 2, ... (a split document has
     the same id on all ranks of its group). Extra keys: `context` (c) and `split_region` (S).
+
+    `ranks` (a range of rank indices): build only those rows, arrays [len(ranks), capacity] equal to rows
+    `ranks` of the all-ranks result (segment ids numbered as there). Then `docs` may be any mapping or sequence
+    holding at least the documents `docs_on_ranks(plan, ranks)`: no other document is read.
     """
-    if len(docs) != len(plan.lengths):
-        raise ValueError(f"plan_to_batches: {len(docs)} documents given, the plan has {len(plan.lengths)}")
-    for d, (doc, n) in enumerate(zip(docs, plan.lengths)):
-        if len(doc) != n:
-            raise ValueError(f"plan_to_batches: document {d} has {len(doc)} tokens, the plan says {n}")
     R, C = plan.num_ranks, plan.capacity
+    if ranks is None:
+        if len(docs) != len(plan.lengths):
+            raise ValueError(f"plan_to_batches: {len(docs)} documents given, the plan has {len(plan.lengths)}")
+        ranks = range(R)
+    elif ranks.step != 1 or not 0 <= ranks.start < ranks.stop <= R:
+        raise ValueError(f"plan_to_batches: ranks={ranks} must be a non-empty contiguous range inside [0, {R})")
+    lo = ranks.start
     out = []
     for mb in plan.micro_batches:
-        rows = empty_rows(R, C)
+        rows = empty_rows(len(ranks), C)
         rows["context"] = mb.context
         rows["split_region"] = mb.split_region
         out.append(rows)
-    offsets = np.zeros((len(out), R), dtype=np.int64)
+    offsets = np.zeros((len(out), len(ranks)), dtype=np.int64)
     segment: dict[tuple[int, int], int] = {}
     num_segments = [0] * len(out)
-    for doc, start, length, m, r in plan.placements():
+    checked: set[int] = set()
+    for doc, start, length, m, r in plan.placements():  # every rank: segment ids count documents of all ranks
         seg = segment.get((m, doc))
         if seg is None:
             num_segments[m] += 1
             seg = segment[(m, doc)] = num_segments[m]
-        if offsets[m, r] + length > C:
+        if r not in ranks:
+            continue
+        if doc not in checked:
+            if len(docs[doc]) != plan.lengths[doc]:
+                raise ValueError(f"plan_to_batches: document {doc} has {len(docs[doc])} tokens, "
+                                 f"the plan says {plan.lengths[doc]}")
+            checked.add(doc)
+        if offsets[m, r - lo] + length > C:
             raise ValueError(f"plan_to_batches: micro-batch {m} rank {r} overflows capacity {C}")
-        write_piece(out[m], r, int(offsets[m, r]), docs[doc], start, length, seg)
-        offsets[m, r] += length
+        write_piece(out[m], r - lo, int(offsets[m, r - lo]), docs[doc], start, length, seg)
+        offsets[m, r - lo] += length
     return out
+
+
+def docs_on_ranks(plan, ranks: range) -> list[int]:
+    """The plan's documents with at least one piece on `ranks` (sorted): all `plan_to_batches(..., ranks)` reads."""
+    return sorted({doc for doc, _, _, _, r in plan.placements() if r in ranks})
 
 
 def count_targets(docs: list[Document]) -> int:

@@ -18,10 +18,15 @@ restore re-reads and re-packs that window deterministically. Grain's thread pref
 Balance mode (`data.balance.enabled`): each step gathers documents to `fill` x R x C tokens (`StepFiller`),
 `balance.schedule` plans them over R ranks and `plan_to_batches` lays them out; `next(it)` returns
 `{"micro_batches": [dict of [R / process_count, C] arrays + "context", "split_region"], "plan": Plan,
-"num_targets": int}` with this process's ranks only. The scheduler needs the global view, so in balance mode
-every process reads the step's documents (same seed) and keeps its own ranks' rows.
+"num_targets": int}` with this process's ranks only. The scheduler needs the global view (every length of the
+step, same seed in every process). With `data.balance.length_index` (built once by `longtrain index-lengths`) the
+lengths come from the index and each process reads and tokenizes only the documents placed on its ranks; without
+one every process tokenizes the whole step (fine for the synthetic source and one process; a multi-process run on
+files warns).
 """
 from __future__ import annotations
+
+import logging
 
 import grain
 import grain.experimental
@@ -30,7 +35,10 @@ import numpy as np
 from longtrain.data import packing
 from longtrain.data.balance_loader import BalancedStepIterator
 from longtrain.data.documents import BadDataLog, BadDoc, document_dataset, pieces_of
+from longtrain.data.length_index import BUILD_COMMAND, LengthIndex, lengths_dataset
 from longtrain.data.packing import Document
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------- packed rows
@@ -168,12 +176,22 @@ def make_dataset(config, *, seq_len: int | None = None, global_batch: int | None
             num_ranks = jax.device_count() // max(1, config.mesh.tensor)
         if num_ranks is None:
             raise ValueError("data.balance.enabled=true: make_dataset needs num_ranks (data x context devices)")
+        # every process sees the global stream (the scheduler plans all ranks), then keeps its ranks' rows
         docs = document_dataset(cfg, seed=seed, process_index=0, process_count=1, seq_len=seq_len)
+        lengths = None
+        if cfg.balance.length_index:
+            lengths = lengths_dataset(cfg, LengthIndex.load(cfg.balance.length_index, cfg), seed=seed)
+        elif cfg.source != "synthetic" and process_count > 1:
+            log.warning("balance mode without data.balance.length_index: each of the %d processes reads and "
+                        "tokenizes every document of every step to learn its length; build an index once with "
+                        "`%s` and set data.balance.length_index=DIR so each reads only its ranks' documents",
+                        process_count, BUILD_COMMAND)
 
         def factory():
             return BalancedStepIterator(docs, cfg.balance, num_ranks=num_ranks,
                                         capacity=cfg.balance.capacity or seq_len, process_index=process_index,
-                                        process_count=process_count, split_long=cfg.split_long, strict=cfg.strict)
+                                        process_count=process_count, split_long=cfg.split_long, strict=cfg.strict,
+                                        lengths=lengths)
         return DataIterator(factory, cfg.prefetch)
     rows = _check_batch(global_batch or cfg.batch_size, process_count)
     docs = document_dataset(cfg, seed=seed, process_index=process_index, process_count=process_count, seq_len=seq_len)

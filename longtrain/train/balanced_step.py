@@ -107,12 +107,31 @@ class BalancedStep:
         return self._micro[key]
 
     def put_micro_batch(self, mb: dict) -> dict:
-        """Host [R, C] arrays -> device [R/c, c*C] group rows sharded data x context on the per-c mesh."""
+        """Host rank buffers -> device [R/c, c*C] group rows sharded data x context on the per-c mesh.
+
+        `mb` holds [R, C] arrays, or (multi-process, each process reading only its share) the rows of this
+        process's ranks [lo, lo + R/processes) with lo = process_index * R/processes. Rank r is device r of
+        `self.devices` (process-major), so a process only ever reads its own rows."""
         c = int(mb["context"])
-        sharding = NamedSharding(self.mesh(c), P("data", "context"))
+        mesh = self.mesh(c)
+        sharding = NamedSharding(mesh, P("data", "context"))
+        R = len(self.devices)
+        rows = np.asarray(mb["tokens"]).shape[0]
+        lo = 0 if rows == R else jax.process_index() * rows
+        if rows != R:
+            mine = [r for r, d in enumerate(self.devices) if d.process_index == jax.process_index()]
+            if R % rows or mine != list(range(lo, lo + rows)):
+                raise ValueError(f"balance micro-batch holds {rows} of {R} rank rows, but this process "
+                                 f"(index {jax.process_index()}) owns ranks {mine[:1]}..{mine[-1:]}: the loader's "
+                                 f"process_index/process_count must match jax.process_index()/process_count()")
         out = {}
         for k in BATCH_KEYS:
-            x = group_rows(np.asarray(mb[k]), c)
+            x = np.asarray(mb[k])
+            if rows != R:  # other processes' rows stay zero: make_array_from_callback only reads our blocks
+                full = np.zeros((R,) + x.shape[1:], x.dtype)
+                full[lo:lo + rows] = x
+                x = full
+            x = group_rows(x, c)
             out[k] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
         return out
 

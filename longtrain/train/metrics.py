@@ -76,7 +76,12 @@ def document_lengths(segment_ids_BT: np.ndarray) -> np.ndarray:
 
 def train_flops(model: ModelConfig, segment_ids_BT: np.ndarray) -> float:
     """Model FLOPs of one training step (forward + backward = 3 x forward) on this batch."""
-    lengths = document_lengths(segment_ids_BT)
+    return train_flops_of_lengths(model, document_lengths(segment_ids_BT))
+
+
+def train_flops_of_lengths(model: ModelConfig, lengths) -> float:
+    """Model FLOPs of one training step over documents of these token lengths (each attends causally to itself)."""
+    lengths = np.asarray(lengths)
     tokens = float(lengths.sum())
     dense = 6.0 * matmul_params_per_token(model) * tokens
     kinds = _layer_kinds(model)

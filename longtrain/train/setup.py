@@ -127,12 +127,15 @@ def attach_data(session: Session) -> None:
     """Build the training and eval iterators and the synthetic scorer (missing files fail here).
 
     Every process reads the whole global batch (`process_count=1`) and `put_batch` keeps its devices' blocks:
-    the batches, and so the losses, do not depend on how many processes share the devices."""
+    the batches, and so the losses, do not depend on how many processes share the devices. In balance mode a
+    process gets only its ranks' rows of each micro-batch (the plan is global), and `BalancedStep` places them."""
     from longtrain import data
 
     config = session.config
+    # balance mode: every process plans the whole step but reads only the documents on its own ranks
+    share = (jax.process_index(), jax.process_count()) if config.data.balance.enabled else (0, 1)
     try:
-        session.dataset = data.make_dataset(config, process_index=0, process_count=1)
+        session.dataset = data.make_dataset(config, process_index=share[0], process_count=share[1])
     except FileNotFoundError as e:  # a missing/unmatched data path is a config problem: exit 2, one line
         raise ConfigError(str(e)) from None
     if config.train.eval_every:

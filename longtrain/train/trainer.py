@@ -20,10 +20,11 @@ import numpy as np
 
 from longtrain.config import Config, to_dict
 from longtrain.train import setup
-from longtrain.train.balanced_step import BalancedStep, group_rows
+from longtrain.train.balanced_step import BalancedStep
 from longtrain.train.checkpoint import Checkpointer
 from longtrain.train.init_from import check_init_from, load_params
-from longtrain.train.metrics import MetricsFile, WandbSink, peak_flops_per_device, train_flops
+from longtrain.train.metrics import (MetricsFile, WandbSink, document_lengths, peak_flops_per_device,
+                                     train_flops_of_lengths)
 from longtrain.train.model_loss import make_eval_step
 from longtrain.train.progress import make_progress
 from longtrain.train.signals import StopRequest
@@ -71,12 +72,12 @@ def _nan_batch(host_batch: dict) -> dict:
     return nan(host_batch)
 
 
-def _segment_rows(host_batch: dict) -> list:
-    """Segment-id arrays of the step: the batch's, or each balance micro-batch's in its group rows [R/c, c*C]
-    (a split document is one sequence, so its attention FLOPs are counted over the whole group row)."""
-    if "micro_batches" not in host_batch:
-        return [host_batch["segment_ids"]]
-    return [group_rows(np.asarray(mb["segment_ids"]), int(mb["context"])) for mb in host_batch["micro_batches"]]
+def _document_lengths(host_batch: dict) -> np.ndarray:
+    """Token length of every document of the step: from the segment ids of the (global) batch, or in balance mode
+    from the step's plan (global; a process holds only its ranks' rows, and a split document is one sequence)."""
+    if "plan" in host_batch:
+        return np.asarray(host_batch["plan"].lengths)
+    return document_lengths(host_batch["segment_ids"])
 
 
 def evaluate(config: Config, session: "setup.Session", params: Any, eval_fn) -> dict:
@@ -187,10 +188,9 @@ def train(config: Config) -> TrainResult:
                 if tracing and step - 1 == profile[-1]:
                     jax.profiler.stop_trace()
                     tracing = False
-                segments = _segment_rows(host_batch)
-                flops = sum(train_flops(config.model, seg) for seg in segments)
-                record.update(kind="train", step=step, step_time_s=dt,
-                              tokens_per_s=float(sum(np.sum(seg != 0) for seg in segments)) / dt,
+                lengths = _document_lengths(host_batch)
+                flops = train_flops_of_lengths(config.model, lengths)
+                record.update(kind="train", step=step, step_time_s=dt, tokens_per_s=float(lengths.sum()) / dt,
                               skipped=not record.pop("finite"),
                               mfu=(flops / dt / (peak[1] * jax.device_count())) if peak else None)
                 if step % config.logging.every == 0 or record["skipped"] or step == total_steps:

@@ -158,15 +158,7 @@ def test_balance_mode_steps_plans_and_resume():
         for mb, pmb in zip(step["micro_batches"], plan.micro_batches):
             assert mb["tokens"].shape == (8, 256) and mb["context"] == pmb.context
     assert any(mb.context > 1 for s in steps + more for mb in s["plan"].micro_batches)  # long docs got split
-    again = make_dataset(cfg, num_ranks=8, seed=3)
-    again.set_state(state)
-    for want in more:
-        got = next(again)
-        assert got["plan"].context_degrees == want["plan"].context_degrees
-        for g, w in zip(got["micro_batches"], want["micro_batches"]):
-            for k in KEYS:
-                np.testing.assert_array_equal(g[k], w[k])
-    again.close()
+    assert_resumes_to(make_dataset(cfg, num_ranks=8, seed=3), state, more)
     # two processes: each gets its half of the ranks, together the whole step
     halves = [next(make_dataset(cfg, num_ranks=8, seed=3, process_index=p, process_count=2)) for p in range(2)]
     whole = steps[0]["micro_batches"][0]["tokens"]
@@ -184,3 +176,15 @@ def test_eval_batches_are_fixed_and_carry_answer_masks():
         assert x["answer_mask"].sum() > 0 and (x["loss_mask"][x["answer_mask"] > 0] == 1).all()
     train = next(make_dataset(cfg))
     assert not np.array_equal(train["tokens"], x["tokens"])  # eval uses another stream than training
+
+
+def assert_resumes_to(again, state: dict, want_steps: list) -> None:
+    """`again` restored from `state` yields exactly `want_steps` (balance mode: plans and every array)."""
+    again.set_state(state)
+    for want in want_steps:
+        got = next(again)
+        assert got["plan"].context_degrees == want["plan"].context_degrees
+        for g, w in zip(got["micro_batches"], want["micro_batches"]):
+            for k in KEYS:
+                np.testing.assert_array_equal(g[k], w[k])
+    again.close()

@@ -5,6 +5,11 @@ Memory is compile-only (`jax.jit(step).lower(...).compile().memory_analysis()`: 
 nothing runs) on a fixed ~150M-parameter bf16 Llama-style model (GQA). Full backprop takes its best remat policy
 (the remat policy / layer-scan variant with the least memory at the probe length; SeCO likewise). Memory is linear
 in T for both, so the longest T is solved from two probe lengths and then confirmed by compiling at that T. Run: `python benchmarks/chunkwise_memory.py`.
+
+`--kv-grad-dtype bfloat16` measures SeCO with a bf16 K/V cotangent accumulator (default fp32). XLA:CPU caveat: it
+has no bf16 dynamic-slice and converts a sliced bf16 array to f32 whole; full backprop's scanned residual stack
+[L,T,E] gets such an f32 copy (42 of its 127 KiB/token for the llama model), SeCO keeps its cache as uint16 words
+and does not (a bf16 accumulator does get one, so on CPU it saves 3 of the 7 KiB/token it saves on GPU).
 """
 from __future__ import annotations
 
@@ -36,13 +41,13 @@ def _abstract_batch(T):
             "positions": i32, "segment_ids": i32}
 
 
-def step_bytes(config, T, mode, chunk_size=None):
+def step_bytes(config, T, mode, chunk_size=None, kv_grad_dtype=None):
     """temp + argument + output bytes of one (loss, grads) step, compile only."""
     params = jax.eval_shape(lambda: models.init(config, jax.random.PRNGKey(0)))
     if mode == "full":
         fn = jax.value_and_grad(lambda p, b: sequence_loss(config, p, b))
     else:
-        fn = lambda p, b: seco_grad(config, p, b, chunk_size)  # noqa: E731
+        fn = lambda p, b: seco_grad(config, p, b, chunk_size, kv_grad_dtype=kv_grad_dtype)  # noqa: E731
     ma = jax.jit(fn).lower(params, _abstract_batch(T)).compile().memory_analysis()
     return ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
 
@@ -75,7 +80,7 @@ def best_variant(config, T, mode, chunk_size, variants):
     return min(sizes, key=sizes.get), sizes
 
 
-def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False):
+def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_grad_dtype=None):
     config = HYBRID_150M if hybrid else MODEL_150M
     n_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: models.init(config, jax.random.PRNGKey(0)))))
     print(f"model: {'minimax hybrid (12 lightning + 2 softmax layers)' if hybrid else 'llama-style'}, {n_params / 1e6:.0f}M params, bf16, E={config.hidden_size}, L={config.num_layers}, "
@@ -95,13 +100,14 @@ def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False):
     full_cfg = dataclasses.replace(config, remat=best_full[0], scan_layers=best_full[1])
     seco_cfg = dataclasses.replace(config, remat=best_seco[0], scan_layers=best_seco[1])
     full_T, full_per_tok = longest_T(lambda T: step_bytes(full_cfg, T, "full"), budget, probe, 1024, measured_full)
-    seco_T, seco_per_tok = longest_T(lambda T: step_bytes(seco_cfg, T, "seco", chunk_size), budget, 4 * probe,
-                                     chunk_size, measured_seco)
+    seco_T, seco_per_tok = longest_T(lambda T: step_bytes(seco_cfg, T, "seco", chunk_size, kv_grad_dtype), budget,
+                                     4 * probe, chunk_size, measured_seco)
     name = lambda v: f"remat={v[0]}{', scanned layers' if v[1] else ''}"  # noqa: E731
     print(f"\n| method | bytes/token | longest T in {budget_gib:g} GiB | vs full |")
     print("|---|---|---|---|")
     print(f"| full backprop ({name(best_full)}) | {full_per_tok / 1024:.1f} KiB | {full_T:,} | 1.0x |")
-    print(f"| SeCO (chunk {chunk_size}, {name(best_seco)}) | {seco_per_tok / 1024:.1f} KiB | {seco_T:,} | "
+    acc = f", {jnp.dtype(kv_grad_dtype).name} K/V grad accumulator" if kv_grad_dtype else ""
+    print(f"| SeCO (chunk {chunk_size}, {name(best_seco)}{acc}) | {seco_per_tok / 1024:.1f} KiB | {seco_T:,} | "
           f"{seco_T / full_T:.1f}x |")
     print("\nGiB per step vs T (every compiled point):")
     print("| T | full | SeCO |")
@@ -165,11 +171,14 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--hybrid", action="store_true", help="memory table for the MiniMax-style hybrid model")
+    parser.add_argument("--kv-grad-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="SeCO's K/V cotangent accumulator dtype (default fp32; bf16 halves it, less exact)")
     parser.add_argument("--no-search", action="store_true",
                         help="use remat=full with scanned layers for both instead of searching the variants")
     args = parser.parse_args(argv)
     if not args.skip_memory:
-        memory_table(args.budget_gib, args.chunk_size, args.probe, search=not args.no_search, hybrid=args.hybrid)
+        memory_table(args.budget_gib, args.chunk_size, args.probe, search=not args.no_search, hybrid=args.hybrid,
+                     kv_grad_dtype=args.kv_grad_dtype)
     if not args.skip_timing:
         timing_table(args.time_T, args.time_chunk, args.repeats)
     return 0

@@ -22,6 +22,9 @@ from longtrain.models.layers import (apply_mlp, dtype_of, embed, init_mlp, mlp_l
 from longtrain.models.rope import rope_cos_sin
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# `forward_hidden(kv_prefix=...)` also takes a `layer_stack.StackedCaches` (run_layers handles it): chunk-wise
+# training passes its stacked K/V buffers without a per-step copy and gets their cotangent added in place.
+ACCEPTS_STACKED_CACHES = True
 
 
 def check_config(config) -> None:

@@ -2,7 +2,8 @@
 
 Layer params are always stored stacked (leading `layers` axis of length L), whichever way they run, so checkpoints
 do not depend on `scan_layers`. Per-layer chunk caches (SeCO `kv_prefix` / `return_kv`) are Python lists indexed by
-layer at the API; inside a scan they travel stacked.
+layer at the API; inside a scan they travel stacked. A `StackedCaches` prefix is already stacked (no copy into the
+scan) and can route its cotangent into a caller-owned accumulator in place (`grad_sink`, see its docstring).
 """
 from __future__ import annotations
 
@@ -35,15 +36,130 @@ def num_stacked(stacked) -> int:
     return jax.tree.leaves(stacked)[0].shape[0]
 
 
+class StackedCaches:
+    """A chunk-wise (SeCO) `kv_prefix` whose per-layer caches are already stacked on a leading layer axis.
+
+    `stacked`: dict of [L, ...] arrays (layer l sees `a[l]`, e.g. k/v [L,B,S,Hkv,D]); `shared`: dict of arrays every
+    layer sees unchanged (e.g. segment_ids/token_index [B,S]). Layer l's prefix is `{**shared, **stacked[l]}`.
+    A list of per-layer dicts would be stacked into a second O(L*S) copy inside `run_layers`; this is not.
+
+    `grad_sink` (optional, dict like `stacked`, any float dtype, e.g. an fp32 accumulator): the cotangent of
+    `stacked` is ADDED into it, one layer slice at a time, instead of being returned as a new [L, ...] array. The
+    sink rides along as a loop carry (its value is unused by the forward); after `run_layers`, `grad_sink_out`
+    holds the carried sink. Differentiate a function that returns `grad_sink_out` and seed its cotangent with the
+    running accumulator: the cotangent of `grad_sink` is then accumulator + d(stacked), updated in place. The
+    cotangent of `stacked` itself is zero (pass it through `stop_gradient`).
+
+    `dtype` (optional): the `stacked` leaves hold raw bits (an unsigned int type of the same width, see
+    `bit_storage_dtype`) and each layer slice is reinterpreted as `dtype`. Why: XLA:CPU has no bf16/f16
+    dynamic-slice, so slicing a bf16 [L, ...] stack converts the WHOLE stack to f32 (and hoists that copy out of the
+    loop); integer words slice natively. On GPU/TPU the bitcast is free.
+    """
+
+    def __init__(self, stacked: dict, shared: dict, grad_sink: dict | None = None, dtype=None):
+        self.stacked, self.shared, self.grad_sink, self.dtype = stacked, shared, grad_sink, dtype
+        self.grad_sink_out = None
+        if grad_sink is not None and set(grad_sink) != set(stacked):
+            raise ValueError(f"grad_sink keys {sorted(grad_sink)} must equal the stacked cache keys {sorted(stacked)}")
+
+    def __len__(self) -> int:
+        return num_stacked(self.stacked)
+
+    def read(self, stacked_l: dict) -> dict:
+        """One layer's slice of `stacked` as arrays of the cache dtype."""
+        if self.dtype is None:
+            return stacked_l
+        return {name: jax.lax.bitcast_convert_type(a, self.dtype) for name, a in stacked_l.items()}
+
+    def layer(self, stacked_l: dict) -> dict:
+        return {**self.shared, **stacked_l}
+
+
+def bit_storage_dtype(dtype):
+    """The unsigned int type holding a 2-byte float's bits (bf16/f16 -> uint16), or None for other dtypes (XLA:CPU
+    slices f32/f64 natively, no reinterpretation needed)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+        return jnp.dtype(jnp.uint16)
+    return None
+
+
+def _add_into_layer(sink, l, g):
+    """sink with g added to its layer-l slice (in place inside a loop)."""
+    cur = jax.lax.dynamic_index_in_dim(sink, l, 0, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(sink, cur + g.astype(sink.dtype), l, 0)
+
+
+@jax.custom_vjp
+def sink_read(sink: dict, stacked_l: dict, l):
+    """(stacked_l, sink) unchanged; backward adds the cotangent of stacked_l into layer l of the sink's cotangent."""
+    return stacked_l, sink
+
+
+def _sink_read_fwd(sink, stacked_l, l):
+    return (stacked_l, sink), l
+
+
+def _sink_read_bwd(l, cotangents):
+    g_stacked_l, g_sink = cotangents
+    g_sink = {name: _add_into_layer(g_sink[name], l, g_stacked_l[name]) for name in g_sink}
+    return g_sink, None, None
+
+
+sink_read.defvjp(_sink_read_fwd, _sink_read_bwd)
+
+
+def _run_stacked_prefix(layer_fn, remat_policy, stacked_params, x, prefix: StackedCaches, *, scan: bool,
+                        return_kv: bool):
+    """`run_layers` for a `StackedCaches` prefix; sets `prefix.grad_sink_out`."""
+    L = num_stacked(stacked_params)
+    if len(prefix) != L:
+        raise ValueError(f"kv_prefix stacks {len(prefix)} layers; the model has {L} layers (one cache per layer)")
+
+    def one_layer(x, sink, layer_params, stored_l, l):
+        # the read and the sink hook sit INSIDE the remat: the saved residual is then the stored slice itself
+        # (a forwarded scan input, never re-stacked) and the sink value is not saved at all
+        stacked_l = prefix.read(stored_l)
+        if sink is not None:
+            stacked_l, sink = sink_read(sink, stacked_l, l)
+        x, kv = layer_fn(x, layer_params, prefix.layer(stacked_l))
+        return x, sink, kv
+
+    one_layer = remat(one_layer, remat_policy)
+    sink = prefix.grad_sink
+    if not scan:
+        kvs = []
+        for l in range(L):
+            x, sink, kv = one_layer(x, sink, layer_slice(stacked_params, l), layer_slice(prefix.stacked, l), l)
+            kvs.append(kv)
+        prefix.grad_sink_out = sink
+        return x, (kvs if return_kv else None)
+
+    def body(carry, xs):
+        x, sink = carry
+        layer_params, stored_l, l = xs
+        x, sink, kv = one_layer(x, sink, layer_params, stored_l, l)
+        return (x, sink), (kv if return_kv else None)
+
+    (x, sink), kv_stacked = jax.lax.scan(body, (x, sink), (stacked_params, prefix.stacked, jnp.arange(L)))
+    prefix.grad_sink_out = sink
+    if not return_kv:
+        return x, None
+    return x, [layer_slice(kv_stacked, i) for i in range(L)]
+
+
 def run_layers(layer_fn, stacked_params, x, *, scan: bool, remat_policy: str, kv_prefix=None, return_kv=False):
     """Apply `layer_fn(x, layer_params, prefix_l) -> (x, kv_l)` for every layer.
 
-    `kv_prefix`: None or a list with one cache per layer; returns `(x, kv_list or None)`.
+    `kv_prefix`: None, a list with one cache per layer, or a `StackedCaches`; returns `(x, kv_list or None)`.
     """
     L = num_stacked(stacked_params)
+    if isinstance(kv_prefix, StackedCaches):
+        return _run_stacked_prefix(layer_fn, remat_policy, stacked_params, x, kv_prefix, scan=scan,
+                                   return_kv=return_kv)
+    fn = remat(layer_fn, remat_policy)
     if kv_prefix is not None and len(kv_prefix) != L:
         raise ValueError(f"kv_prefix has {len(kv_prefix)} entries; the model has {L} layers (one cache per layer)")
-    fn = remat(layer_fn, remat_policy)
     if not scan:
         kvs = []
         for i in range(L):

@@ -1,19 +1,27 @@
 """The SeCO engine: a no-gradient forward over chunks that fills fixed-size caches, then a reverse `lax.scan` that
 rebuilds one chunk's graph at a time with `jax.vjp` and sends cache cotangents back to earlier chunks.
 
-Per-layer caches (what a later chunk needs of an earlier one, `models.forward_hidden(..., kv_prefix, return_kv)`):
-- softmax layer: K and V of every token, kept in fixed-size buffers `[B, Tp, Hkv, D]` (Tp = padded length). Chunk i
-  sees the whole buffer with the segment ids of tokens >= i*C set to 0 (padding), so one compiled chunk function
-  serves every chunk. Its K/V cotangent buffer (fp32, same shape) collects what later chunks send back.
-- lightning layer: the fp32 state `[B, H, Dk, Dv]` at the end of the previous chunk; the state entering each chunk
-  is kept (k of them, O(1) in T). A chunk's input-state cotangent is the previous chunk's output-state cotangent.
+Caches (what a later chunk needs of an earlier one, `models.forward_hidden(..., kv_prefix, return_kv)`):
+- softmax layers: K and V of every token in ONE stacked buffer per name, `kv = {"k","v": [Ls, B, Tp, Hkv, D]}`
+  (Ls softmax layers, Tp = padded length, model dtype). Chunk i sees the whole buffer with the segment ids of
+  tokens >= i*C set to 0 (padding), so one compiled chunk function serves every chunk. The K/V cotangent
+  accumulator (fp32 by default, `kv_grad_dtype`) has the same layout and collects what later chunks send back.
+- lightning layers: the fp32 state `[B, H, Dk, Dv]` at the end of the previous chunk; the state entering each chunk
+  is kept (k of them per layer, O(T/C)). A chunk's input-state cotangent is the previous chunk's output-state one.
+
+Memory (the point of SeCO): the caches and the accumulator, O(T), plus one chunk's activations. Two layouts reach
+the model, chosen by what the architecture accepts:
+- `StackedCaches` (`ACCEPTS_STACKED_CACHES`, the Llama family): the stacked buffers go straight into the layer
+  scan (no per-step copy), and the accumulator rides along as `grad_sink`, so each layer's K/V cotangent is added
+  into it in place: the reverse pass holds cache (bf16) + accumulator (fp32) and no third O(T) array.
+- a per-layer list (the MiniMax hybrid): views `kv[n][j]` of the buffers; the chunk's K/V cotangent comes back as
+  a new [Ls, ...] array (model dtype) that is added to the accumulator.
 
 Reverse pass for chunk i (from k-1 down to 0), with weight w_i (1 for SeCO, z_i/p for SpaCO):
-    (loss_i, own_cache_i), vjp = jax.vjp(chunk_fn_i, params, prefix_cache_i)
+    (loss_i, own_cache_i), vjp = jax.vjp(chunk_fn_i, params, prefix_i)
     d_params, d_prefix = vjp(w_i * (1, d_own_cache_i))       # skipped entirely (lax.cond) when w_i == 0
     grads += d_params;  kv_cotangent += d_prefix (softmax);  state_cotangent = d_prefix (lightning)
-Memory: the caches and their cotangents, O(T), plus one chunk's activations; never `jax.grad` of a checkpointed
-forward scan (which would keep every step's growing cache).
+Never `jax.grad` of a checkpointed forward scan (which would keep every step's growing cache).
 """
 from __future__ import annotations
 
@@ -23,8 +31,11 @@ import jax.numpy as jnp
 from longtrain import models
 from longtrain.chunkwise.layout import ChunkedBatch
 from longtrain.loss import lm_loss
+from longtrain.models.layer_stack import StackedCaches, bit_storage_dtype
+from longtrain.models.registry import get_architecture
 
 SOFTMAX, LIGHTNING = "softmax", "lightning"
+KV = ("k", "v")
 
 
 def cache_kinds(own_cache_shapes) -> list[str]:
@@ -43,18 +54,32 @@ def cache_kinds(own_cache_shapes) -> list[str]:
 
 
 class ChunkProgram:
-    """One model + one chunked batch: the chunk function and the cache layout both passes share."""
+    """One model + one chunked batch: the chunk function and the cache layout both passes share.
+
+    Differentiable cache pytree `caches = {"kv": {"k","v": [Ls,B,Tp,Hkv,D]} or None, "states": [per lightning layer
+    [B,H,Dk,Dv]]}`; a chunk's own cache has the same structure with C tokens instead of Tp.
+    """
 
     def __init__(self, model_config, params, cb: ChunkedBatch, *, z_loss: float, kv_grad_dtype=None):
         self.config, self.cb, self.z_loss = model_config, cb, z_loss
-        own_shapes = jax.eval_shape(lambda p: self._run_chunk(p, None, 0)[1], params)
+        own_shapes = jax.eval_shape(lambda p: self._run_chunk(p, None, 0, with_loss=False)[1], params)
         self.kinds = cache_kinds(own_shapes)
-        self.own_shapes = own_shapes
+        self.softmax_layers = [l for l, kind in enumerate(self.kinds) if kind == SOFTMAX]
+        self.lightning_layers = [l for l, kind in enumerate(self.kinds) if kind == LIGHTNING]
+        self.kv_shapes = ({n: own_shapes[self.softmax_layers[0]][n] for n in KV} if self.softmax_layers else None)
+        # K/V buffers of 2-byte floats hold raw uint16 words: XLA:CPU would otherwise convert the whole buffer to
+        # f32 to take a dynamic slice of it (a hidden fp32 copy of the cache); free on GPU/TPU
+        self.kv_dtype = self.kv_shapes["k"].dtype if self.softmax_layers else None
+        self.kv_storage = (bit_storage_dtype(self.kv_dtype) or self.kv_dtype) if self.softmax_layers else None
+        self.state_shapes = [own_shapes[l]["state"] for l in self.lightning_layers]
+        arch = get_architecture(model_config.architecture)
+        # the stacked layout needs every layer to be softmax (one stack) and a model that takes StackedCaches
+        self.stacked = (not self.lightning_layers) and getattr(arch, "ACCEPTS_STACKED_CACHES", False)
         self.kv_grad_dtype = kv_grad_dtype
 
     # ----------------------------------------------------------------------------------- the chunk function
     def _run_chunk(self, params, prefix, i, with_loss=True):
-        """(loss_sum_i / N, own cache list) of chunk i given the `prefix` list (None: no earlier chunks)."""
+        """(loss_sum_i / N or None, own cache list as the model returns it) of chunk i given `kv_prefix`."""
         cb = self.cb
         hidden, own = models.forward_hidden(
             self.config, params, cb.slice("tokens", i), positions=cb.slice("positions", i),
@@ -66,63 +91,93 @@ class ChunkProgram:
                        cb.slice("loss_mask", i), num_targets=cb.num_targets, z_loss=self.z_loss)
         return loss, own
 
-    def _prefix(self, caches, i):
-        """The kv_prefix list for chunk i from the differentiable `caches` (buffers / incoming states)."""
-        cb, prefix = self.cb, []
-        seg = cb.prefix_segment_ids(i)
+    def _prefix(self, kv, states, i, grad_sink=None):
+        """The model's kv_prefix for chunk i: a StackedCaches over the stored buffers (stacked layout) or a
+        per-layer list of views of the K/V VALUES `kv` (list layout: differentiable in them)."""
+        cb = self.cb
+        seg, index = cb.prefix_segment_ids(i), cb.token_index
+        if self.stacked:
+            dtype = None if self.kv_storage == self.kv_dtype else self.kv_dtype
+            return StackedCaches(kv, {"segment_ids": seg, "token_index": index}, grad_sink, dtype=dtype)
         last_seg = cb.last_prefix_segment_id(i)
-        for kind, cache in zip(self.kinds, caches):
+        prefix, si, li = [], 0, 0
+        for kind in self.kinds:
             if kind == SOFTMAX:
-                prefix.append({"k": cache["k"], "v": cache["v"], "segment_ids": seg, "token_index": cb.token_index})
+                prefix.append({"k": kv["k"][si], "v": kv["v"][si], "segment_ids": seg, "token_index": index})
+                si += 1
             else:
-                prefix.append({"state": cache["state"], "last_segment_id": last_seg})
+                prefix.append({"state": states[li], "last_segment_id": last_seg})
+                li += 1
         return prefix
 
-    def chunk_fn(self, params, caches, i, with_loss=True):
-        """(loss_i, own differentiable cache list: {"k","v"} [B,C,..] or {"state"}) of chunk i."""
-        loss, own = self._run_chunk(params, self._prefix(caches, i), i, with_loss)
-        return loss, [{"k": o["k"], "v": o["v"]} if kind == SOFTMAX else {"state": o["state"]}
-                      for kind, o in zip(self.kinds, own)]
+    def _own(self, own):
+        """The model's per-layer own caches -> {"kv": stacked [Ls,B,C,..] or None, "states": [...]}."""
+        kv = ({n: jnp.stack([own[l][n] for l in self.softmax_layers]) for n in KV} if self.softmax_layers else None)
+        return {"kv": kv, "states": [own[l]["state"] for l in self.lightning_layers]}
+
+    def chunk_fn(self, params, kv, states, i, with_loss=True):
+        """(loss_i, own cache {"kv", "states"}) of chunk i, differentiable in params, kv (list layout) and states.
+        `kv`: the stored buffers in the stacked layout, `values(buffers)` in the list layout."""
+        loss, own = self._run_chunk(params, self._prefix(kv, states, i), i, with_loss)
+        return loss, self._own(own)
+
+    def chunk_fn_sink(self, params, kv, sink, states, i):
+        """Stacked layout: (loss_i, own cache, carried sink). `kv` is read without gradient; the cotangent of the
+        returned sink, seeded with the accumulator, comes back as accumulator + this chunk's K/V cotangent."""
+        prefix = self._prefix(jax.lax.stop_gradient(kv), states, i, grad_sink=sink)
+        loss, own = self._run_chunk(params, prefix, i)
+        if prefix.grad_sink_out is None:
+            raise RuntimeError(f"architecture {self.config.architecture!r} declares ACCEPTS_STACKED_CACHES but did "
+                               f"not run its layers through layer_stack.run_layers with the StackedCaches prefix")
+        return loss, self._own(own), prefix.grad_sink_out
 
     # -------------------------------------------------------------------------------------- cache buffers
+    def to_storage(self, x):
+        """K/V values -> the buffers' storage dtype (raw words for 2-byte floats, see __init__)."""
+        return x if self.kv_storage == self.kv_dtype else jax.lax.bitcast_convert_type(x, self.kv_storage)
+
+    def values(self, kv):
+        """Stored K/V buffers -> the K/V values (a free reinterpretation of the bits)."""
+        if kv is None or self.kv_storage == self.kv_dtype:
+            return kv
+        return {n: jax.lax.bitcast_convert_type(a, self.kv_dtype) for n, a in kv.items()}
+
+    def chunk_kv(self, kv):
+        """What `chunk_fn` takes as `kv` for the stored buffers `kv` (see chunk_fn)."""
+        return kv if self.stacked else self.values(kv)
+
     def empty_caches(self):
-        """Zero caches entering chunk 0: softmax [B,Tp,Hkv,D] buffers, lightning zero states."""
-        Tp, caches = self.cb.padded_len, []
-        for kind, s in zip(self.kinds, self.own_shapes):
-            if kind == SOFTMAX:
-                caches.append({n: jnp.zeros((s[n].shape[0], Tp, *s[n].shape[2:]), s[n].dtype) for n in ("k", "v")})
-            else:
-                caches.append({"state": jnp.zeros(s["state"].shape, s["state"].dtype)})
-        return caches
+        """Zero caches entering chunk 0: softmax [Ls,B,Tp,Hkv,D] buffers (storage dtype), lightning zero states."""
+        kv = None
+        if self.softmax_layers:
+            Ls, Tp = len(self.softmax_layers), self.cb.padded_len
+            kv = {n: jnp.zeros((Ls, s.shape[0], Tp, *s.shape[2:]), self.kv_storage)
+                  for n, s in self.kv_shapes.items()}
+        return {"kv": kv, "states": [jnp.zeros(s.shape, s.dtype) for s in self.state_shapes]}
 
     def kv_grad_dtype_of(self, dtype):
         return self.kv_grad_dtype or jnp.promote_types(dtype, jnp.float32)
 
 
 def forward_fill(prog: ChunkProgram, params, *, with_loss: bool):
-    """Pass 1 (no gradient): run chunks in order. Returns (softmax buffers filled for all chunks, per lightning
-    layer the state entering each chunk [k, ...], total loss or None)."""
+    """Pass 1 (no gradient): run chunks in order. Returns (softmax K/V buffers {"k","v": [Ls,B,Tp,Hkv,D]} filled
+    for all chunks or None, per lightning layer the state entering each chunk [k, ...], total loss or None)."""
     cb = prog.cb
     params = jax.lax.stop_gradient(params)
 
     def step(caches, i):
-        loss, own = prog.chunk_fn(params, caches, i, with_loss)
-        entering = [c["state"] for kind, c in zip(prog.kinds, caches) if kind == LIGHTNING]
-        new = []
-        for kind, cache, o in zip(prog.kinds, caches, own):
-            if kind == SOFTMAX:
-                new.append({n: jax.lax.dynamic_update_slice_in_dim(cache[n], o[n], i * cb.chunk, axis=1)
-                            for n in ("k", "v")})
-            else:
-                new.append({"state": o["state"]})
-        return new, (entering, jnp.zeros(()) if loss is None else loss)
+        kv, states = caches["kv"], caches["states"]
+        loss, own = prog.chunk_fn(params, prog.chunk_kv(kv), states, i, with_loss)
+        if kv is not None:  # write this chunk's K/V at its offset (in place: the buffer is the loop carry)
+            kv = {n: jax.lax.dynamic_update_slice_in_dim(kv[n], prog.to_storage(own["kv"][n]), i * cb.chunk, axis=2)
+                  for n in KV}
+        return {"kv": kv, "states": own["states"]}, (states, jnp.zeros(()) if loss is None else loss)
 
     caches, (entering, losses) = jax.lax.scan(step, prog.empty_caches(), jnp.arange(cb.num_chunks))
-    buffers = [c if kind == SOFTMAX else None for kind, c in zip(prog.kinds, caches)]
-    return buffers, entering, (jnp.sum(losses) if with_loss else None)
+    return caches["kv"], entering, (jnp.sum(losses) if with_loss else None)
 
 
-def reverse_accumulate(prog: ChunkProgram, params, buffers, entering, chunk_weights, grad_shardings=None):
+def reverse_accumulate(prog: ChunkProgram, params, kv, entering, chunk_weights, grad_shardings=None):
     """Pass 2: reverse scan over chunks. `chunk_weights` [k] (None = all 1, no skipping). Returns (sum of the
     recomputed chunk losses, parameter gradients). `grad_shardings`: optional pytree like params of shardings
     for the gradient accumulator (pass the parameter shardings under FSDP so it stays sharded)."""
@@ -132,62 +187,56 @@ def reverse_accumulate(prog: ChunkProgram, params, buffers, entering, chunk_weig
             return grads
         return jax.tree.map(jax.lax.with_sharding_constraint, grads, grad_shardings)
 
-    cb, kinds = prog.cb, prog.kinds
+    cb = prog.cb
     params = jax.lax.stop_gradient(params)
-    buffers = jax.lax.stop_gradient(buffers)
+    kv = jax.lax.stop_gradient(kv)
 
-    def caches_for(i):
-        caches, li = [], 0
-        for kind, buf in zip(kinds, buffers):
-            if kind == SOFTMAX:
-                caches.append(buf)
-            else:
-                caches.append({"state": jax.lax.stop_gradient(entering[li][i])})
-                li += 1
-        return caches
+    def own_kv_cotangent(kv_ct, i, w):
+        """This chunk's own K/V slice of the accumulated cotangent, scaled by w, in the K/V dtype."""
+        if kv_ct is None:
+            return None
+        return {n: (w * jax.lax.dynamic_slice_in_dim(kv_ct[n], i * cb.chunk, cb.chunk, axis=2)).astype(prog.kv_dtype)
+                for n in KV}
 
-    def own_cotangent(carry_cts, i, w):
-        cts = []
-        for kind, ct, buf in zip(kinds, carry_cts, buffers):
-            if kind == SOFTMAX:  # this chunk's own K/V slice of the accumulated cotangent, in the K/V dtype
-                cts.append({n: (w * jax.lax.dynamic_slice_in_dim(ct[n], i * cb.chunk, cb.chunk, axis=1)
-                                ).astype(buf[n].dtype) for n in ("k", "v")})
-            else:
-                cts.append({"state": (w * ct["state"]).astype(ct["state"].dtype)})
-        return cts
+    def local_grads(kv_ct, state_cts, i, w):
+        """(loss_i, d_params, new K/V accumulator, state cotangents entering chunk i) of chunk i, weight w."""
+        states = [jax.lax.stop_gradient(e[i]) for e in entering]
+        own_ct = {"kv": own_kv_cotangent(kv_ct, i, w), "states": [(w * c).astype(c.dtype) for c in state_cts]}
+        if prog.stacked:  # the sink's primal value is unused; passing the accumulator itself costs no buffer
+            (loss, _, _), vjp = jax.vjp(lambda p, sink, s: prog.chunk_fn_sink(p, kv, sink, s, i),
+                                        params, kv_ct, states)
+            d_params, new_kv_ct, d_states = vjp(((w * jnp.ones_like(loss)).astype(loss.dtype), own_ct, kv_ct))
+        else:
+            (loss, _), vjp = jax.vjp(lambda p, c, s: prog.chunk_fn(p, c, s, i), params, prog.values(kv), states)
+            d_params, d_kv, d_states = vjp(((w * jnp.ones_like(loss)).astype(loss.dtype), own_ct))
+            new_kv_ct = (None if kv_ct is None
+                         else {n: kv_ct[n] + d_kv[n].astype(kv_ct[n].dtype) for n in KV})
+        # the state entering chunk i is the state leaving chunk i-1
+        return loss, d_params, new_kv_ct, [d.astype(c.dtype) for d, c in zip(d_states, state_cts)]
 
-    def local_grads(carry_cts, i, w):
-        (loss, _), vjp = jax.vjp(lambda p, c: prog.chunk_fn(p, c, i), params, caches_for(i))
-        d_params, d_caches = vjp((w * jnp.ones_like(loss), own_cotangent(carry_cts, i, w)))
-        return loss, d_params, d_caches
-
-    def zero_grads(carry_cts, i, w):  # a dropped SpaCO chunk: no compute at all
-        return jax.tree.map(jnp.zeros_like, jax.eval_shape(local_grads, carry_cts, i, w))
+    def skipped(kv_ct, state_cts, i, w):
+        """A dropped SpaCO chunk: no compute; no gradient passes through it (K/V cotangents of earlier chunks
+        are unchanged, the state path through it is cut)."""
+        loss, d_params = jax.eval_shape(lambda: local_grads(kv_ct, state_cts, i, w)[:2])
+        zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
+        return zeros(loss), jax.tree.map(zeros, d_params), kv_ct, [jnp.zeros_like(c) for c in state_cts]
 
     def step(carry, i):
-        grads, cts = carry
+        grads, kv_ct, state_cts = carry
         if chunk_weights is None:
-            loss, d_params, d_caches = local_grads(cts, i, 1.0)
+            loss, d_params, kv_ct, state_cts = local_grads(kv_ct, state_cts, i, 1.0)
         else:
             w = chunk_weights[i]
-            loss, d_params, d_caches = jax.lax.cond(w != 0, local_grads, zero_grads, cts, i, w)
+            loss, d_params, kv_ct, state_cts = jax.lax.cond(w != 0, local_grads, skipped, kv_ct, state_cts, i, w)
         grads = constrain(jax.tree.map(lambda g, d: g + d.astype(g.dtype), grads, d_params))
-        new_cts = []
-        for kind, ct, d in zip(kinds, cts, d_caches):
-            if kind == SOFTMAX:  # d holds the cotangent of tokens < i*C; this chunk's own slice was consumed
-                new_cts.append({n: ct[n] + d[n].astype(ct[n].dtype) for n in ("k", "v")})
-            else:  # the state entering chunk i is the state leaving chunk i-1
-                new_cts.append({"state": d["state"].astype(ct["state"].dtype)})
-        return (grads, new_cts), loss
+        return (grads, kv_ct, state_cts), loss
 
-    zero_cts = []
-    for kind, cache in zip(kinds, prog.empty_caches()):
-        if kind == SOFTMAX:
-            zero_cts.append({n: jnp.zeros(cache[n].shape, prog.kv_grad_dtype_of(cache[n].dtype)) for n in ("k", "v")})
-        else:
-            zero_cts.append({"state": jnp.zeros_like(cache["state"])})
+    empty = prog.empty_caches()
+    kv_ct = (None if empty["kv"] is None
+             else {n: jnp.zeros(empty["kv"][n].shape, prog.kv_grad_dtype_of(prog.kv_dtype)) for n in KV})
+    state_cts = [jnp.zeros_like(s) for s in empty["states"]]
     # gradients accumulate over chunks in fp32 at least (bf16 params would lose ~sqrt(k) ulps), cast back at the end
     acc_zeros = lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32))  # noqa: E731
-    init = (constrain(jax.tree.map(acc_zeros, params)), zero_cts)
-    (grads, _), losses = jax.lax.scan(step, init, jnp.arange(cb.num_chunks), reverse=True)
+    init = (constrain(jax.tree.map(acc_zeros, params)), kv_ct, state_cts)
+    (grads, _, _), losses = jax.lax.scan(step, init, jnp.arange(cb.num_chunks), reverse=True)
     return jnp.sum(losses), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)

@@ -241,3 +241,13 @@ def test_full_shape_menu_grows_by_one_with_a_warning(caplog):
     check_plan(plan, lengths, 4, 1024)
     assert menu.max_shapes == 2 and len(menu.shapes) == 2
     assert "allowing one more" in caplog.text
+
+
+def test_menu_never_reuses_a_region_larger_than_the_capacity():
+    """A shape restored from a run with a larger capacity (S=48 > C=32) is not offered; a fitting one is."""
+    menu = ShapeMenu(max_shapes=2, shapes=[(4, 48)])
+    assert menu.regions(4, 20, 4, 32) == [24]  # fresh, within capacity (menu has room)
+    full = ShapeMenu(max_shapes=1, shapes=[(4, 48)])
+    assert full.regions(4, 20, 4, 32) == []
+    plan = schedule(np.array([100, 20, 10, 8]), 8, 32, "balanced", menu=ShapeMenu.from_state(menu.get_state()))
+    assert all(mb.split_region <= 32 for mb in plan.micro_batches), plan.describe()

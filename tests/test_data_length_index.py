@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from longtrain import cli
-from longtrain.config import BalanceConfig, DataConfig
+from longtrain.config import BalanceConfig, ConfigError, DataConfig
 from longtrain.data import length_index, make_dataset
 from longtrain.data.balance_loader import BalancedStepIterator
 from longtrain.data.documents import BadDoc, document_dataset, make_tokenize, open_part, source_files
@@ -104,6 +104,17 @@ def test_index_mismatch_errors_name_the_key_or_file(tmp_path):
         LengthIndex.load(where, dataclasses.replace(cfg, source="synthetic"))
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         LengthIndex.load(str(tmp_path), cfg)
+    # unreadable index files are config errors naming the file (exit 2), not tracebacks
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(where, broken)
+    (broken / "lengths.npy").write_bytes(b"not numpy")
+    with pytest.raises(ConfigError, match=r"cannot read .*lengths.npy"):
+        LengthIndex.load(str(broken), cfg)
+    (broken / "meta.json").write_text("{ half")
+    with pytest.raises(ConfigError, match=r"cannot read .*meta.json"):
+        LengthIndex.load(str(broken), cfg)
     # a file touched (mtime) or grown (size) since the build
     st = os.stat(cfg.paths[1])
     os.utime(cfg.paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from longtrain.config import BalanceConfig, DataConfig
+from longtrain.config import BalanceConfig, ConfigError, DataConfig
 from longtrain.data import make_dataset, make_eval_dataset
 from longtrain.data.documents import document_dataset
 from longtrain.data.packing import Document, best_fit_rows, pack_rows
@@ -159,6 +159,9 @@ def test_balance_mode_steps_plans_and_resume():
             assert mb["tokens"].shape == (8, 256) and mb["context"] == pmb.context
     assert any(mb.context > 1 for s in steps + more for mb in s["plan"].micro_batches)  # long docs got split
     assert_resumes_to(make_dataset(cfg, num_ranks=8, seed=3), state, more)
+    # another device count cuts documents at another length: the saved pieces would not carry over
+    with pytest.raises(ConfigError, match="data.balance.max_doc_len="):
+        make_dataset(cfg, num_ranks=4, seed=3).set_state(state)
     # two processes: each gets its half of the ranks, together the whole step
     halves = [next(make_dataset(cfg, num_ranks=8, seed=3, process_index=p, process_count=2)) for p in range(2)]
     whole = steps[0]["micro_batches"][0]["tokens"]

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import grain
 
+from longtrain.config import ConfigError
 from longtrain.data import packing
 from longtrain.data.balance import CostModel, ShapeMenu, schedule
 from longtrain.data.documents import BadDataLog, BadDoc, piece_spans
@@ -166,9 +167,18 @@ class BalancedStepIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict:
         return {"next": list(self._next), "pending": [[p.index, p.piece] for p in self._filler.pending],
-                "menu": self._menu.get_state(), "bad": self._bad.state()}
+                "max_doc_len": self._max_len, "menu": self._menu.get_state(), "bad": self._bad.state()}
 
     def set_state(self, state: dict) -> None:
+        # pieces are saved as (document, piece number): they only mean the same tokens if documents are cut at
+        # the same length (it depends on the device count, capacity and fill unless max_doc_len fixes it)
+        saved = state.get("max_doc_len", self._max_len)
+        if saved != self._max_len:
+            raise ConfigError(
+                f"balance loader state cuts documents at {saved} tokens, this run at {self._max_len} "
+                f"(min(data.balance.max_doc_len, fill x num_ranks x capacity) with num_ranks={self._R}, "
+                f"capacity={self._C}): the saved document pieces would not carry over; set "
+                f"data.balance.max_doc_len={saved} to resume")
         self._next = tuple(state["next"])
         self._menu = ShapeMenu.from_state(state["menu"])
         self._bad = BadDataLog(self._strict, state["bad"], max_run=self._max_run)

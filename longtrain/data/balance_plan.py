@@ -134,12 +134,13 @@ class Plan:
 
 
 class ShapeMenu:
-    """The (c, S) program shapes a run has used, at most `max_shapes` of them: each is one compiled program.
+    """The (c, S) program shapes a run has used, each one compiled program, within a budget of `max_shapes`.
 
     Keep one menu for a whole run and pass it to every `schedule(..., menu=menu)` call; it is part of the
     loader state (`get_state`/`set_state`) so a resumed run makes the same plans. A split region first reuses
     the smallest known S for that c that is large enough or, while the menu has room, a new tighter one (both
-    are offered to the scheduler).
+    are offered to the scheduler). `max_shapes` is the budget the scheduler keeps to; when a step fits no plan
+    within it, `balanced_micro_batches` raises it by one with a warning (a new compile) rather than failing.
     """
 
     def __init__(self, max_shapes: int = 8, shapes=()):
@@ -157,7 +158,8 @@ class ShapeMenu:
         if context == 1:
             return [0] if (1, 0) in self.shapes or room else []
         fresh = _region_size(tokens, min_region, capacity)
-        known = [S for (c, S) in self.shapes if c == context and S >= tokens]
+        # (a shape from a run with a larger capacity, restored into this one, must not be reused)
+        known = [S for (c, S) in self.shapes if c == context and tokens <= S <= capacity]
         out = [min(known)] if known else []
         if room and (not out or fresh < out[0]):
             out.append(fresh)

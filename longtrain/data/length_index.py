@@ -185,8 +185,11 @@ class LengthIndex:
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"data.balance.length_index={directory!r}: no {META_FILE} there (missing or "
                                     f"half-built index); {hint}")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"length index {directory!r}: cannot read {meta_path}: {e}; {hint}") from None
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ConfigError(f"length index {directory!r} has format {meta.get('format')!r} version "
                              f"{meta.get('version')!r}, this longtrain reads {FORMAT!r} version {VERSION}; {hint}")
@@ -214,7 +217,11 @@ class LengthIndex:
                 raise ConfigError(f"length index {directory!r}, part {k}: {what}; {hint}")
             for entry in built["files"]:
                 _check_unchanged(entry, since, hint, what="file")
-        lengths = np.load(os.path.join(directory, LENGTHS_FILE), mmap_mode="r")
+        lengths_path = os.path.join(directory, LENGTHS_FILE)
+        try:
+            lengths = np.load(lengths_path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"length index {directory!r}: cannot read {lengths_path}: {e}; {hint}") from None
         if len(lengths) != meta["num_records"]:
             raise ConfigError(f"length index {directory!r}: {LENGTHS_FILE} has {len(lengths)} entries, {META_FILE} "
                              f"says {meta['num_records']}; {hint}")

@@ -43,14 +43,6 @@ def check_balance_config(config: Config) -> None:
                           f"(got {config.optim.grad_accum})")
 
 
-def group_rows(x_RC: np.ndarray, c: int) -> np.ndarray:
-    """[R, C] rank buffers -> [R/c, c*C]: the c buffers of a context group side by side, in rank order."""
-    R = x_RC.shape[0]
-    if R % c:
-        raise ValueError(f"micro-batch context degree c={c} does not divide its {R} rank rows")
-    return x_RC.reshape(R // c, -1)
-
-
 class BalancedStep:
     """`step(state, step_batch) -> (state, metrics)` for balance-mode steps. `state` lives in `state_shardings`
     (the trainer's main mesh); the micro-batch programs run on per-c meshes over the same devices."""
@@ -124,15 +116,18 @@ class BalancedStep:
                 raise ValueError(f"balance micro-batch holds {rows} of {R} rank rows, but this process "
                                  f"(index {jax.process_index()}) owns ranks {mine[:1]}..{mine[-1:]}: the loader's "
                                  f"process_index/process_count must match jax.process_index()/process_count()")
+        C = np.asarray(mb["tokens"]).shape[1]
+
+        def rank_buffer(index, x):
+            # each device's block of the [R/c, c*C] group rows is exactly one rank buffer: group g, member i
+            g, i = index[0].start or 0, (index[1].start or 0) // C
+            return x[g * c + i - lo][None]
+
         out = {}
         for k in BATCH_KEYS:
             x = np.asarray(mb[k])
-            if rows != R:  # other processes' rows stay zero: make_array_from_callback only reads our blocks
-                full = np.zeros((R,) + x.shape[1:], x.dtype)
-                full[lo:lo + rows] = x
-                x = full
-            x = group_rows(x, c)
-            out[k] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+            out[k] = jax.make_array_from_callback((R // c, c * C), sharding,
+                                                  lambda index, x=x: rank_buffer(index, x))
         return out
 
     def loss_and_grad_sums(self, params: Any, micro_batches: list) -> tuple[jax.Array, Any]:

@@ -54,10 +54,16 @@ class StackedCaches:
     `bit_storage_dtype`) and each layer slice is reinterpreted as `dtype`. Why: XLA:CPU has no bf16/f16
     dynamic-slice, so slicing a bf16 [L, ...] stack converts the WHOLE stack to f32 (and hoists that copy out of the
     loop); integer words slice natively. On GPU/TPU the bitcast is free.
+
+    `side` (optional, hybrid models): the caches of the layers that are NOT in the stack, one dict per such layer in
+    layer order (e.g. the lightning states of MiniMax, whose softmax layers are the stack, also in layer order).
+    They are ordinary differentiable arrays (small, O(layers)); `run_layers` takes no side caches.
     """
 
-    def __init__(self, stacked: dict, shared: dict, grad_sink: dict | None = None, dtype=None):
+    def __init__(self, stacked: dict, shared: dict, grad_sink: dict | None = None, dtype=None,
+                 side: list | None = None):
         self.stacked, self.shared, self.grad_sink, self.dtype = stacked, shared, grad_sink, dtype
+        self.side = side
         self.grad_sink_out = None
         if grad_sink is not None and set(grad_sink) != set(stacked):
             raise ValueError(f"grad_sink keys {sorted(grad_sink)} must equal the stacked cache keys {sorted(stacked)}")
@@ -85,9 +91,9 @@ def bit_storage_dtype(dtype):
 
 
 def _add_into_layer(sink, l, g):
-    """sink with g added to its layer-l slice (in place inside a loop)."""
-    cur = jax.lax.dynamic_index_in_dim(sink, l, 0, keepdims=False)
-    return jax.lax.dynamic_update_index_in_dim(sink, cur + g.astype(sink.dtype), l, 0)
+    """sink with g added to its layer-l slice: one in-place scatter-add (XLA:CPU does not fuse a dynamic-slice +
+    add + dynamic-update-slice, and would write out an fp32 copy of the layer slice)."""
+    return sink.at[l].add(g.astype(sink.dtype), mode="promise_in_bounds")
 
 
 @jax.custom_vjp
@@ -109,23 +115,34 @@ def _sink_read_bwd(l, cotangents):
 sink_read.defvjp(_sink_read_fwd, _sink_read_bwd)
 
 
+def stacked_layer_fn(layer_fn, prefix: StackedCaches, remat_policy: str, pick: int | None = None):
+    """The remat'ed `one_layer(x, sink, layer_params, stored, l) -> (x, sink, kv)` of a stacked-prefix layer loop.
+
+    `layer_fn(x, layer_params, prefix_l) -> (x, kv_l)` (not remat'ed); `stored`: this layer's slice of
+    `prefix.stacked` (storage dtype) or, with `pick` (a static int), a group [n, ...] of slices of which this layer
+    reads slice `pick`; `l`: the layer's index in the stack (where its cotangent lands in the sink); `sink`: the
+    carried `grad_sink` or None. The pick, the read and the sink hook sit INSIDE the remat: the saved residual is
+    then the stored array passed in (a forwarded scan input, never re-stacked) and the sink value is not saved.
+    """
+    def one_layer(x, sink, layer_params, stored, l):
+        stacked_l = prefix.read(stored if pick is None else layer_slice(stored, pick))
+        if sink is not None:
+            stacked_l, sink = sink_read(sink, stacked_l, l)
+        x, kv = layer_fn(x, layer_params, prefix.layer(stacked_l))
+        return x, sink, kv
+
+    return remat(one_layer, remat_policy)
+
+
 def _run_stacked_prefix(layer_fn, remat_policy, stacked_params, x, prefix: StackedCaches, *, scan: bool,
                         return_kv: bool):
     """`run_layers` for a `StackedCaches` prefix; sets `prefix.grad_sink_out`."""
     L = num_stacked(stacked_params)
     if len(prefix) != L:
         raise ValueError(f"kv_prefix stacks {len(prefix)} layers; the model has {L} layers (one cache per layer)")
-
-    def one_layer(x, sink, layer_params, stored_l, l):
-        # the read and the sink hook sit INSIDE the remat: the saved residual is then the stored slice itself
-        # (a forwarded scan input, never re-stacked) and the sink value is not saved at all
-        stacked_l = prefix.read(stored_l)
-        if sink is not None:
-            stacked_l, sink = sink_read(sink, stacked_l, l)
-        x, kv = layer_fn(x, layer_params, prefix.layer(stacked_l))
-        return x, sink, kv
-
-    one_layer = remat(one_layer, remat_policy)
+    if prefix.side:
+        raise ValueError(f"kv_prefix has {len(prefix.side)} side caches; every layer of this model is in the stack")
+    one_layer = stacked_layer_fn(layer_fn, prefix, remat_policy)
     sink = prefix.grad_sink
     if not scan:
         kvs = []

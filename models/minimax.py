@@ -22,6 +22,9 @@ Chunk-wise (SeCO) caches, one per layer: softmax layers as `models/attention.py`
 `{"state": [B,H,D,D] fp32, "last_segment_id": [B]}`. A prefix state feeds this chunk's first run only where the
 chunk's first segment id equals `last_segment_id` (when that key is absent the document is taken to continue);
 `return_kv` gives this chunk's state at its last token and its last segment id, ready to be the next prefix.
+`kv_prefix` may also be a `layer_stack.StackedCaches` whose stack holds the softmax layers' K/V [L_full, ...] (in
+layer order) and whose `side` holds the lightning caches (in layer order): no copy of the stack is made, the period
+scan views it as [R, softmax per period, ...], and each layer's K/V cotangent is added into `grad_sink` in place.
 """
 from __future__ import annotations
 
@@ -33,13 +36,16 @@ from longtrain.models import attention_site
 from longtrain.models.attention import apply_attention, attention_logical_axes, init_attention
 from longtrain.models.decoder import (check_prefix_rope, default_indices, embed_and_head_logical_axes,
                                       init_embed_and_head, lm_head_weight)
-from longtrain.models.layer_stack import layer_slice, remat
+from longtrain.models.layer_stack import StackedCaches, layer_slice, remat, stacked_layer_fn
 from longtrain.models.layers import dtype_of, embed, ones, rms_norm
 from longtrain.models.lightning_block import apply_lightning, init_lightning, lightning_logical_axes, lightning_slopes
 from longtrain.models.moe import init_moe, moe_logical_axes, moe_mlp
 from longtrain.models.rope import rope_cos_sin
 
 LINEAR, FULL = "linear_attention", "full_attention"
+# `forward_hidden(kv_prefix=...)` also takes a `layer_stack.StackedCaches` (softmax K/V stacked, lightning states as
+# its `side` caches): chunk-wise training then uses its stacked in-place layout (longtrain/chunkwise/engine.py)
+ACCEPTS_STACKED_CACHES = True
 
 __all__ = ["forward_hidden", "init", "layer_period", "lm_head_weight", "param_logical_axes", "resolved_layer_types"]
 
@@ -139,7 +145,7 @@ def _lightning_initial_state(prefix_l, segment_ids_BT):
 
 
 def _make_layer_fn(config, layer_type: str, *, cos_sin, segment_ids, token_index, runtime, return_kv):
-    """layer(x, common_p, mixer_p, slope_H, prefix_l) -> (x, kv_l) for one layer of the given type."""
+    """layer(x, common_p, mixer_p, slope_H, prefix_l) -> (x, kv_l) for one layer of the given type (not remat'ed)."""
     eps = config.rms_norm_eps
     if layer_type == LINEAR:
         alpha, beta = config.linear_attn_alpha_factor, config.linear_attn_beta_factor
@@ -171,11 +177,30 @@ def _make_layer_fn(config, layer_type: str, *, cos_sin, segment_ids, token_index
         x_BTE = config.mlp_alpha_factor * h_BTE + config.mlp_beta_factor * moe_BTE
         return runtime.constrain(x_BTE.astype(h_BTE.dtype), ("batch", "seq", "embed")), kv
 
-    return remat(layer, config.remat)
+    return layer
 
 
 def _split_common(layers):
     return {k: layers[k] for k in ("input_norm", "post_attn_norm", "moe")}
+
+
+def _check_prefix(kv_prefix, types: list[str]) -> None:
+    if kv_prefix is None:
+        return
+    L = len(types)
+    if not isinstance(kv_prefix, StackedCaches):
+        if len(kv_prefix) != L:
+            raise ValueError(f"kv_prefix has {len(kv_prefix)} entries; the model has {L} layers (one cache per layer)")
+        return
+    n_full, n_lin, n_side = types.count(FULL), types.count(LINEAR), len(kv_prefix.side or [])
+    if len(kv_prefix) != n_full or n_side != n_lin:
+        raise ValueError(f"kv_prefix (StackedCaches) stacks {len(kv_prefix)} softmax caches and has {n_side} side "
+                         f"caches; the model has {n_full} softmax and {n_lin} lightning layers")
+
+
+def _stacked_softmax_fn(layer, kv_prefix: StackedCaches, remat_policy: str, pick=None):
+    """`layer_stack.stacked_layer_fn` for a softmax layer: (x, sink, (common_p, mixer_p, slope_H), stored, l)."""
+    return stacked_layer_fn(lambda x, p, prefix_l: layer(x, *p, prefix_l), kv_prefix, remat_policy, pick)
 
 
 def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, runtime=None, token_index=None,
@@ -186,16 +211,23 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
     types = resolved_layer_types(config)
     L, P = config.num_layers, layer_period(types)
     R = L // P
-    if kv_prefix is not None and len(kv_prefix) != L:
-        raise ValueError(f"kv_prefix has {len(kv_prefix)} entries; the model has {L} layers (one cache per layer)")
+    _check_prefix(kv_prefix, types)
+    stacked = isinstance(kv_prefix, StackedCaches)
     runtime = attention_site.resolve_runtime(config, runtime)
     positions, token_index = default_indices(tokens, positions, token_index)
     x_BTE = embed(params["embed"]["embedding"], tokens, dtype=config.dtype)
     x_BTE = runtime.constrain(x_BTE, ("batch", "seq", "embed"))
     cos_sin = rope_cos_sin(config, positions, dtype_of(config.dtype))
-    layer_fns = {t: _make_layer_fn(config, t, cos_sin=cos_sin, segment_ids=segment_ids, token_index=token_index,
-                                   runtime=runtime, return_kv=return_kv) for t in set(types)}
+    raw_fns = {t: _make_layer_fn(config, t, cos_sin=cos_sin, segment_ids=segment_ids, token_index=token_index,
+                                 runtime=runtime, return_kv=return_kv) for t in set(types)}
+    layer_fns = {t: remat(f, config.remat) for t, f in raw_fns.items()}
     within = index_within_type(types)
+    # per layer, the cache it reads from a list prefix or a StackedCaches' side list (None for stacked softmax)
+    sink = kv_prefix.grad_sink if stacked else None
+    if stacked:
+        prefix_L = [kv_prefix.side[within[l]] if t == LINEAR else None for l, t in enumerate(types)]
+    else:
+        prefix_L = [None] * L if kv_prefix is None else list(kv_prefix)
     # decay slopes [L, H] (rows of softmax layers are unused zeros)
     slopes_LH = np.zeros((L, config.num_heads), np.float32)
     for l in range(L):
@@ -206,32 +238,53 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
 
     if not config.scan_layers:
         kvs = []
+        softmax_fn = None
+        if stacked and FULL in types:
+            softmax_fn = _stacked_softmax_fn(raw_fns[FULL], kv_prefix, config.remat)
         for l, t in enumerate(types):
-            x_BTE, kv = layer_fns[t](x_BTE, layer_slice(common, l), layer_slice(layers[_mixer_key(t)], within[l]),
-                                     jnp.asarray(slopes_LH[l]), None if kv_prefix is None else kv_prefix[l])
+            layer_p = (layer_slice(common, l), layer_slice(layers[_mixer_key(t)], within[l]), jnp.asarray(slopes_LH[l]))
+            if stacked and t == FULL:
+                x_BTE, sink, kv = softmax_fn(x_BTE, sink, layer_p, layer_slice(kv_prefix.stacked, within[l]),
+                                             within[l])
+            else:
+                x_BTE, kv = layer_fns[t](x_BTE, *layer_p, prefix_L[l])
             kvs.append(kv)
     else:
-        def per_repeat(stacked):  # [R * n, ...] -> [R, n, ...]
-            return jax.tree.map(lambda a: a.reshape(R, a.shape[0] // R, *a.shape[1:]), stacked)
+        def per_repeat(tree):  # [R * n, ...] -> [R, n, ...] (a free reshape)
+            return jax.tree.map(lambda a: a.reshape(R, a.shape[0] // R, *a.shape[1:]), tree)
 
         mixers = {t: per_repeat(layers[_mixer_key(t)]) for t in set(types)}
-        prefix_P = None
-        if kv_prefix is not None:  # position j of the period -> caches of layers j, j+P, ... stacked over R
-            prefix_P = [jax.tree.map(lambda *a: jnp.stack(a), *kv_prefix[j::P]) for j in range(P)]
+        # position j of the period -> caches of layers j, j+P, ... stacked over R (lists are small or O(layers);
+        # a StackedCaches' softmax stack is instead viewed as [R, softmax per period, ...], no copy)
+        prefix_P = [None if prefix_L[j] is None else jax.tree.map(lambda *a: jnp.stack(a), *prefix_L[j::P])
+                    for j in range(P)]
+        stored_R, n_full = None, types[:P].count(FULL)
+        softmax_fns = {}
+        if stacked and n_full:
+            stored_R = per_repeat(kv_prefix.stacked)
+            # the pick of a layer's slice out of [softmax per period, ...] sits inside its remat (see stacked_layer_fn)
+            softmax_fns = {j: _stacked_softmax_fn(raw_fns[FULL], kv_prefix, config.remat, pick=within[j])
+                           for j in range(P) if types[j] == FULL}
 
-        def body(x_BTE, xs):
-            common_g, mixers_g, slopes_PH, prefix_g = xs
+        def body(carry, xs):
+            x_BTE, sink = carry
+            common_g, mixers_g, slopes_PH, prefix_g, stored_g, r = xs
             kv_P = []
             for j in range(P):
                 t = types[j]
-                x_BTE, kv = layer_fns[t](x_BTE, layer_slice(common_g, j), layer_slice(mixers_g[t], within[j]),
-                                         slopes_PH[j], None if prefix_g is None else prefix_g[j])
+                layer_p = (layer_slice(common_g, j), layer_slice(mixers_g[t], within[j]), slopes_PH[j])
+                if j in softmax_fns:  # softmax layer r * P + j is number r * n_full + within[j] of the stack
+                    x_BTE, sink, kv = softmax_fns[j](x_BTE, sink, layer_p, stored_g, r * n_full + within[j])
+                else:
+                    x_BTE, kv = layer_fns[t](x_BTE, *layer_p, prefix_g[j])
                 kv_P.append(kv)
-            return x_BTE, (kv_P if return_kv else None)
+            return (x_BTE, sink), (kv_P if return_kv else None)
 
-        xs = (per_repeat(common), mixers, jnp.asarray(slopes_LH.reshape(R, P, -1)), prefix_P)
-        x_BTE, kv_RP = jax.lax.scan(body, x_BTE, xs)
+        xs = (per_repeat(common), mixers, jnp.asarray(slopes_LH.reshape(R, P, -1)), prefix_P, stored_R, jnp.arange(R))
+        (x_BTE, sink), kv_RP = jax.lax.scan(body, (x_BTE, sink), xs)
         kvs = [layer_slice(kv_RP[l % P], l // P) for l in range(L)] if return_kv else None
 
+    if stacked:
+        kv_prefix.grad_sink_out = sink
     hidden_BTE = rms_norm(x_BTE, params["final_norm"]["scale"], config.rms_norm_eps)
     return (hidden_BTE, kvs) if return_kv else hidden_BTE

@@ -12,6 +12,7 @@ from longtrain import models
 from longtrain.chunkwise import (chunk_weighted_grad, chunkwise_value_and_grad, num_chunks, seco_grad,
                                  sequence_loss, spaco_grad)
 from longtrain.config import Config, ModelConfig
+from longtrain.models.layer_stack import StackedCaches
 
 LLAMA = ModelConfig(architecture="llama", vocab_size=48, hidden_size=16, intermediate_size=32, num_layers=2,
                     num_heads=4, num_kv_heads=2)
@@ -95,3 +96,27 @@ def test_spaco_skips_dropped_chunks_with_cond_and_keeps_exact_loss():
         params)
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
     assert abs(float(loss) - float(sequence_loss(LLAMA, params, batch))) <= 1e-5 * float(loss)
+
+
+def test_stacked_caches_layer_counts_are_named():
+    """A StackedCaches prefix must stack one K/V cache per softmax layer and carry one side cache per lightning
+    layer (MiniMax); a model whose every layer is in the stack (Llama) refuses side caches. (Shapes only.)"""
+    hybrid = ModelConfig(architecture="minimax", vocab_size=48, hidden_size=16, intermediate_size=16, num_layers=2,
+                         num_heads=2, num_kv_heads=1, layer_types=["linear_attention", "full_attention"],
+                         num_experts=1, experts_per_token=1, moe_impl="dense")
+    shared = {"segment_ids": jnp.ones((1, 4), jnp.int32), "token_index": jnp.arange(4)[None]}
+    state = {"state": jnp.ones((1, 2, 8, 8)), "last_segment_id": jnp.ones((1,), jnp.int32)}
+
+    def forward(config, stacked_layers, kv_heads, side):
+        kv = {n: jnp.ones((stacked_layers, 1, 4, kv_heads, 8)) for n in ("k", "v")}
+        params = jax.eval_shape(lambda: models.init(config, jax.random.PRNGKey(0)))
+        jax.eval_shape(lambda p: models.forward_hidden(config, p, jnp.zeros((1, 4), jnp.int32),
+                                                       kv_prefix=StackedCaches(kv, shared, side=side)), params)
+
+    with pytest.raises(ValueError, match="1 softmax and 1 lightning"):
+        forward(hybrid, 1, 1, [])
+    with pytest.raises(ValueError, match="1 softmax and 1 lightning"):
+        forward(hybrid, 2, 1, [state])
+    forward(hybrid, 1, 1, [state])  # the right counts pass
+    with pytest.raises(ValueError, match="side caches"):
+        forward(LLAMA, LLAMA.num_layers, 2, [state])

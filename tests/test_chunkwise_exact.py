@@ -29,11 +29,12 @@ def _llama64(**kw):
                        attention_impl="reference", **kw)
 
 
-def _hybrid64():
-    return ModelConfig(architecture="minimax", vocab_size=48, hidden_size=16, intermediate_size=16, num_layers=2,
-                       num_heads=2, num_kv_heads=1, layer_types=["linear_attention", "full_attention"],
-                       num_experts=2, experts_per_token=2, moe_impl="dense", dtype="float64", param_dtype="float64",
-                       attention_impl="reference", lightning_impl="reference")
+def _hybrid64(layer_types=("linear_attention", "full_attention"), **kw):
+    kw = {"num_experts": 2, "experts_per_token": 2, **kw}
+    return ModelConfig(architecture="minimax", vocab_size=48, hidden_size=16, intermediate_size=16,
+                       num_layers=len(layer_types), num_heads=2, num_kv_heads=1, layer_types=list(layer_types),
+                       moe_impl="dense", dtype="float64", param_dtype="float64", attention_impl="reference",
+                       lightning_impl="reference", **kw)
 
 
 def _packed_batch(B, T, vocab, seed=1):
@@ -84,14 +85,30 @@ def test_seco_sliding_window_across_chunks():
     assert _rel_err(s_grads, grads) <= 1e-10
 
 
+@pytest.mark.slow  # ~12 s; the default run keeps the scanned hybrid below (same caches, the benchmarked layout)
 def test_seco_equals_full_gradient_hybrid_lightning_fp64():
-    """MiniMax hybrid (lightning + softmax layers, MoE): lightning states and their cotangents cross chunks;
-    packed documents reset the carried state; T=20 in chunks of 7."""
+    """MiniMax hybrid (lightning + softmax layers, MoE), unscanned layers: lightning states and their cotangents
+    cross chunks; packed documents reset the carried state; T=20 in chunks of 7."""
     config = _hybrid64()
     params = models.init(config, jax.random.PRNGKey(0))
     batch = _packed_batch(2, 20, config.vocab_size)
     loss, grads = _exact(config, params, batch)
     s_loss, s_grads = jax.jit(lambda p, b: seco_grad(config, p, b, 7))(params, batch)
+    assert abs(float(s_loss) - float(loss)) <= 1e-10 * abs(float(loss))
+    assert _rel_err(s_grads, grads) <= 1e-10
+
+
+def test_seco_equals_full_gradient_hybrid_scanned_periods_fp64():
+    """The benchmarked hybrid layout: scanned periods with remat=full, the softmax K/V stack viewed as [R=2 periods,
+    2 softmax layers per period, ...] inside the scan, each layer's cotangent added into the in-place sink at stack
+    index r*2+j (a wrong index or a dropped cotangent breaks 1e-10), lightning states beside the stack; packed
+    documents reset the carried state; T=18 in chunks of 6."""
+    config = _hybrid64(["linear_attention", "full_attention", "full_attention"] * 2, scan_layers=True, remat="full",
+                       num_experts=1, experts_per_token=1)
+    params = models.init(config, jax.random.PRNGKey(5))
+    batch = _packed_batch(2, 18, config.vocab_size, seed=6)
+    loss, grads = _exact(config, params, batch)
+    s_loss, s_grads = jax.jit(lambda p, b: seco_grad(config, p, b, 6))(params, batch)
     assert abs(float(s_loss) - float(loss)) <= 1e-10 * abs(float(loss))
     assert _rel_err(s_grads, grads) <= 1e-10
 

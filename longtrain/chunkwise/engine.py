@@ -11,11 +11,13 @@ Caches (what a later chunk needs of an earlier one, `models.forward_hidden(..., 
 
 Memory (the point of SeCO): the caches and the accumulator, O(T), plus one chunk's activations. Two layouts reach
 the model, chosen by what the architecture accepts:
-- `StackedCaches` (`ACCEPTS_STACKED_CACHES`, the Llama family): the stacked buffers go straight into the layer
-  scan (no per-step copy), and the accumulator rides along as `grad_sink`, so each layer's K/V cotangent is added
-  into it in place: the reverse pass holds cache (bf16) + accumulator (fp32) and no third O(T) array.
-- a per-layer list (the MiniMax hybrid): views `kv[n][j]` of the buffers; the chunk's K/V cotangent comes back as
-  a new [Ls, ...] array (model dtype) that is added to the accumulator.
+- `StackedCaches` (`ACCEPTS_STACKED_CACHES`: the Llama family and the MiniMax hybrid): the stacked buffers go
+  straight into the layer scan (no per-step copy), and the accumulator rides along as `grad_sink`, so each layer's
+  K/V cotangent is added into it in place: the reverse pass holds cache (bf16) + accumulator (fp32) and no third
+  O(T) array. Lightning states (hybrid) travel beside the stack as its `side` caches, one per lightning layer.
+- a per-layer list (an architecture without `ACCEPTS_STACKED_CACHES`, or a model with no softmax layer): views
+  `kv[n][j]` of the buffers; the chunk's K/V cotangent comes back as a new [Ls, ...] array (model dtype) that is
+  added to the accumulator.
 
 Reverse pass for chunk i (from k-1 down to 0), with weight w_i (1 for SeCO, z_i/p for SpaCO):
     (loss_i, own_cache_i), vjp = jax.vjp(chunk_fn_i, params, prefix_i)
@@ -73,8 +75,8 @@ class ChunkProgram:
         self.kv_storage = (bit_storage_dtype(self.kv_dtype) or self.kv_dtype) if self.softmax_layers else None
         self.state_shapes = [own_shapes[l]["state"] for l in self.lightning_layers]
         arch = get_architecture(model_config.architecture)
-        # the stacked layout needs every layer to be softmax (one stack) and a model that takes StackedCaches
-        self.stacked = (not self.lightning_layers) and getattr(arch, "ACCEPTS_STACKED_CACHES", False)
+        # the stacked layout needs a softmax layer (something to stack) and a model that takes StackedCaches
+        self.stacked = bool(self.softmax_layers) and getattr(arch, "ACCEPTS_STACKED_CACHES", False)
         self.kv_grad_dtype = kv_grad_dtype
 
     # ----------------------------------------------------------------------------------- the chunk function
@@ -92,14 +94,16 @@ class ChunkProgram:
         return loss, own
 
     def _prefix(self, kv, states, i, grad_sink=None):
-        """The model's kv_prefix for chunk i: a StackedCaches over the stored buffers (stacked layout) or a
-        per-layer list of views of the K/V VALUES `kv` (list layout: differentiable in them)."""
+        """The model's kv_prefix for chunk i: a StackedCaches over the stored buffers, the lightning states as its
+        side caches (stacked layout), or a per-layer list of views of the K/V VALUES `kv` (list layout:
+        differentiable in them). The lightning states are differentiable in both."""
         cb = self.cb
         seg, index = cb.prefix_segment_ids(i), cb.token_index
+        last_seg = cb.last_prefix_segment_id(i) if self.lightning_layers else None
         if self.stacked:
             dtype = None if self.kv_storage == self.kv_dtype else self.kv_dtype
-            return StackedCaches(kv, {"segment_ids": seg, "token_index": index}, grad_sink, dtype=dtype)
-        last_seg = cb.last_prefix_segment_id(i)
+            side = [{"state": s, "last_segment_id": last_seg} for s in states]  # lightning layers, in layer order
+            return StackedCaches(kv, {"segment_ids": seg, "token_index": index}, grad_sink, dtype=dtype, side=side)
         prefix, si, li = [], 0, 0
         for kind in self.kinds:
             if kind == SOFTMAX:

@@ -259,6 +259,12 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
         prefix_P = [None if prefix_L[j] is None else jax.tree.map(lambda *a: jnp.stack(a), *prefix_L[j::P])
                     for j in range(P)]
         stored_R, n_full = None, types[:P].count(FULL)
+        runs = []  # the period as runs of consecutive same-type positions: [(type, [j, ...]), ...]
+        for j in range(P):
+            if runs and runs[-1][0] == types[j]:
+                runs[-1][1].append(j)
+            else:
+                runs.append((types[j], [j]))
         softmax_fns = {}
         if stacked and n_full:
             stored_R = per_repeat(kv_prefix.stacked)
@@ -266,18 +272,40 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
             softmax_fns = {j: _stacked_softmax_fn(raw_fns[FULL], kv_prefix, config.remat, pick=within[j])
                            for j in range(P) if types[j] == FULL}
 
+        def run_of_layers(x_BTE, t, js, common_g, mixers_g, slopes_PH, prefix_g):
+            """Consecutive same-type positions js of the period as an inner scan: a loop boundary between layers
+            makes XLA finish one layer's backward before the next (without it, XLA:CPU keeps every lightning
+            layer's backward temporaries of the period live at once: ~4x the memory of full backprop)."""
+            a, n = js[0], len(js)
+            params_n = (jax.tree.map(lambda v: v[a:a + n], common_g),
+                        jax.tree.map(lambda v: v[within[a]:within[a] + n], mixers_g[t]), slopes_PH[a:a + n])
+            prefix_n = (None if prefix_g[a] is None
+                        else jax.tree.map(lambda *v: jnp.stack(v), *[prefix_g[j] for j in js]))
+
+            def one(x_BTE, xs):
+                (common_p, mixer_p, slope_H), prefix_l = xs
+                x_BTE, kv = layer_fns[t](x_BTE, common_p, mixer_p, slope_H, prefix_l)
+                return x_BTE, (kv if return_kv else None)
+
+            x_BTE, kv_n = jax.lax.scan(one, x_BTE, (params_n, prefix_n))
+            return x_BTE, [layer_slice(kv_n, i) if return_kv else None for i in range(n)]
+
         def body(carry, xs):
             x_BTE, sink = carry
             common_g, mixers_g, slopes_PH, prefix_g, stored_g, r = xs
             kv_P = []
-            for j in range(P):
-                t = types[j]
-                layer_p = (layer_slice(common_g, j), layer_slice(mixers_g[t], within[j]), slopes_PH[j])
-                if j in softmax_fns:  # softmax layer r * P + j is number r * n_full + within[j] of the stack
-                    x_BTE, sink, kv = softmax_fns[j](x_BTE, sink, layer_p, stored_g, r * n_full + within[j])
-                else:
-                    x_BTE, kv = layer_fns[t](x_BTE, *layer_p, prefix_g[j])
-                kv_P.append(kv)
+            for t, js in runs:
+                if len(js) > 1 and js[0] not in softmax_fns:
+                    x_BTE, kvs_run = run_of_layers(x_BTE, t, js, common_g, mixers_g, slopes_PH, prefix_g)
+                    kv_P += kvs_run
+                    continue
+                for j in js:
+                    layer_p = (layer_slice(common_g, j), layer_slice(mixers_g[t], within[j]), slopes_PH[j])
+                    if j in softmax_fns:  # softmax layer r * P + j is number r * n_full + within[j] of the stack
+                        x_BTE, sink, kv = softmax_fns[j](x_BTE, sink, layer_p, stored_g, r * n_full + within[j])
+                    else:
+                        x_BTE, kv = layer_fns[t](x_BTE, *layer_p, prefix_g[j])
+                    kv_P.append(kv)
             return (x_BTE, sink), (kv_P if return_kv else None)
 
         xs = (per_repeat(common), mixers, jnp.asarray(slopes_LH.reshape(R, P, -1)), prefix_P, stored_R, jnp.arange(R))

@@ -44,12 +44,6 @@ class Document:
         return Document(self.tokens[start:end], self.targets[start:end],
                         None if self.answer is None else self.answer[start:end], self.origin)
 
-    def split(self, max_len: int) -> list["Document"]:
-        """Pieces of at most `max_len` tokens (see `slice`)."""
-        if max_len < 1:
-            raise ValueError(f"Document.split: max_len={max_len} must be >= 1")
-        return [self.slice(i, max_len) for i in range(0, len(self.tokens), max_len)]
-
 
 def empty_rows(num_rows: int, capacity: int, *, answers: bool = False) -> dict[str, np.ndarray]:
     rows = {

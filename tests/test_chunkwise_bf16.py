@@ -1,7 +1,6 @@
 """SeCO in bf16 (the benchmarked dtype): the K/V buffers hold raw uint16 words there, so the gradient through
-them must still arrive (stacked layout: through the in-place cotangent sink; list layout, for an architecture
-without ACCEPTS_STACKED_CACHES: through the views), and the per-token memory must stay near the floor of cache
-(bf16) + cotangent accumulator (fp32)."""
+them must still arrive (through the in-place cotangent sink), and the per-token memory must stay near the floor
+of cache (bf16) + cotangent accumulator (fp32)."""
 import dataclasses
 
 import jax
@@ -37,17 +36,13 @@ def _rel_err(tree, ref):
                for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)))
 
 
-# every architecture now takes the stacked layout; the list layout is kept for architectures that do not
-# (forced here by hiding the flag). The default run keeps one case (test budget), -m slow runs all three.
-@pytest.mark.parametrize("config,stacked", [pytest.param(LLAMA, True, marks=pytest.mark.slow), (MINIMAX, True),
-                                            pytest.param(MINIMAX, False, marks=pytest.mark.slow)],
-                         ids=["llama-stacked", "minimax-stacked", "minimax-list"])
-def test_seco_bf16_gradient_matches_fp32_oracle(config, stacked, monkeypatch):
+# The default run keeps one case (test budget), -m slow runs both.
+@pytest.mark.parametrize("config", [pytest.param(LLAMA, marks=pytest.mark.slow), MINIMAX],
+                         ids=["llama-stacked", "minimax-stacked"])
+def test_seco_bf16_gradient_matches_fp32_oracle(config):
     """bf16 SeCO (3 chunks) against an fp32 full-backprop oracle with the same (bf16-valued) weights: about 1%
     worst per-parameter error, like bf16 full backprop. Dropping the K/V cotangent between chunks (the bug this
     guards against) gives 56% (llama) / 65% (minimax) on the attention projections."""
-    if not stacked:
-        monkeypatch.delattr(get_architecture(config.architecture), "ACCEPTS_STACKED_CACHES")
     params = models.init(config, jax.random.PRNGKey(0))
     batch = _batch(24, config.vocab_size)
     f32 = dataclasses.replace(config, dtype="float32", param_dtype="float32")
@@ -57,6 +52,15 @@ def test_seco_bf16_gradient_matches_fp32_oracle(config, stacked, monkeypatch):
     seco, oracle = both(params, params32)  # one compile for both
     assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(seco))
     assert _rel_err(seco, oracle) <= 0.05
+
+
+def test_architecture_without_stacked_caches_is_refused_by_name(monkeypatch):
+    """Softmax K/V reach a model only as a StackedCaches: an architecture that does not take one is refused."""
+    monkeypatch.delattr(get_architecture("minimax"), "ACCEPTS_STACKED_CACHES")
+    params = jax.eval_shape(lambda: models.init(MINIMAX, jax.random.PRNGKey(0)))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(24, MINIMAX.vocab_size))
+    with pytest.raises(NotImplementedError, match="'minimax'.*ACCEPTS_STACKED_CACHES"):
+        jax.eval_shape(lambda p, b: seco_grad(MINIMAX, p, b, 8), params, batch)
 
 
 def _step_bytes(config, T, chunk):

@@ -9,15 +9,12 @@ Caches (what a later chunk needs of an earlier one, `models.forward_hidden(..., 
 - lightning layers: the fp32 state `[B, H, Dk, Dv]` at the end of the previous chunk; the state entering each chunk
   is kept (k of them per layer, O(T/C)). A chunk's input-state cotangent is the previous chunk's output-state one.
 
-Memory (the point of SeCO): the caches and the accumulator, O(T), plus one chunk's activations. Two layouts reach
-the model, chosen by what the architecture accepts:
-- `StackedCaches` (`ACCEPTS_STACKED_CACHES`: the Llama family and the MiniMax hybrid): the stacked buffers go
-  straight into the layer scan (no per-step copy), and the accumulator rides along as `grad_sink`, so each layer's
-  K/V cotangent is added into it in place: the reverse pass holds cache (bf16) + accumulator (fp32) and no third
-  O(T) array. Lightning states (hybrid) travel beside the stack as its `side` caches, one per lightning layer.
-- a per-layer list (an architecture without `ACCEPTS_STACKED_CACHES`, or a model with no softmax layer): views
-  `kv[n][j]` of the buffers; the chunk's K/V cotangent comes back as a new [Ls, ...] array (model dtype) that is
-  added to the accumulator.
+Memory (the point of SeCO): the caches and the accumulator, O(T), plus one chunk's activations. A model with
+softmax layers takes them as a `StackedCaches` (its architecture declares `ACCEPTS_STACKED_CACHES`: the Llama
+family and the MiniMax hybrid): the stacked buffers go straight into the layer scan (no per-step copy), and the
+accumulator rides along as `grad_sink`, so each layer's K/V cotangent is added into it in place: the reverse pass
+holds cache (bf16) + accumulator (fp32) and no third O(T) array. Lightning states (hybrid) travel beside the stack
+as its `side` caches, one per lightning layer; a model with no softmax layer gets them as a per-layer list.
 
 Reverse pass for chunk i (from k-1 down to 0), with weight w_i (1 for SeCO, z_i/p for SpaCO):
     (loss_i, own_cache_i), vjp = jax.vjp(chunk_fn_i, params, prefix_i)
@@ -74,9 +71,12 @@ class ChunkProgram:
         self.kv_dtype = self.kv_shapes["k"].dtype if self.softmax_layers else None
         self.kv_storage = (bit_storage_dtype(self.kv_dtype) or self.kv_dtype) if self.softmax_layers else None
         self.state_shapes = [own_shapes[l]["state"] for l in self.lightning_layers]
-        arch = get_architecture(model_config.architecture)
-        # the stacked layout needs a softmax layer (something to stack) and a model that takes StackedCaches
-        self.stacked = bool(self.softmax_layers) and getattr(arch, "ACCEPTS_STACKED_CACHES", False)
+        # softmax K/V reach the model only as a StackedCaches (no per-layer copies of the cache)
+        self.stacked = bool(self.softmax_layers)
+        if self.stacked and not getattr(get_architecture(model_config.architecture), "ACCEPTS_STACKED_CACHES", False):
+            raise NotImplementedError(f"chunk-wise training (SeCO/SpaCO) needs architecture "
+                                      f"{model_config.architecture!r} to take layer_stack.StackedCaches as kv_prefix "
+                                      f"(ACCEPTS_STACKED_CACHES); it does not")
         self.kv_grad_dtype = kv_grad_dtype
 
     # ----------------------------------------------------------------------------------- the chunk function
@@ -94,25 +94,16 @@ class ChunkProgram:
         return loss, own
 
     def _prefix(self, kv, states, i, grad_sink=None):
-        """The model's kv_prefix for chunk i: a StackedCaches over the stored buffers, the lightning states as its
-        side caches (stacked layout), or a per-layer list of views of the K/V VALUES `kv` (list layout:
-        differentiable in them). The lightning states are differentiable in both."""
+        """The model's kv_prefix for chunk i: a StackedCaches over the stored K/V buffers with the lightning states
+        as its side caches, or (no softmax layer) the list of lightning states. The states are differentiable."""
         cb = self.cb
-        seg, index = cb.prefix_segment_ids(i), cb.token_index
         last_seg = cb.last_prefix_segment_id(i) if self.lightning_layers else None
-        if self.stacked:
-            dtype = None if self.kv_storage == self.kv_dtype else self.kv_dtype
-            side = [{"state": s, "last_segment_id": last_seg} for s in states]  # lightning layers, in layer order
-            return StackedCaches(kv, {"segment_ids": seg, "token_index": index}, grad_sink, dtype=dtype, side=side)
-        prefix, si, li = [], 0, 0
-        for kind in self.kinds:
-            if kind == SOFTMAX:
-                prefix.append({"k": kv["k"][si], "v": kv["v"][si], "segment_ids": seg, "token_index": index})
-                si += 1
-            else:
-                prefix.append({"state": states[li], "last_segment_id": last_seg})
-                li += 1
-        return prefix
+        side = [{"state": s, "last_segment_id": last_seg} for s in states]  # lightning layers, in layer order
+        if not self.stacked:
+            return side
+        dtype = None if self.kv_storage == self.kv_dtype else self.kv_dtype
+        shared = {"segment_ids": cb.prefix_segment_ids(i), "token_index": cb.token_index}
+        return StackedCaches(kv, shared, grad_sink, dtype=dtype, side=side)
 
     def _own(self, own):
         """The model's per-layer own caches -> {"kv": stacked [Ls,B,C,..] or None, "states": [...]}."""
@@ -120,8 +111,8 @@ class ChunkProgram:
         return {"kv": kv, "states": [own[l]["state"] for l in self.lightning_layers]}
 
     def chunk_fn(self, params, kv, states, i, with_loss=True):
-        """(loss_i, own cache {"kv", "states"}) of chunk i, differentiable in params, kv (list layout) and states.
-        `kv`: the stored buffers in the stacked layout, `values(buffers)` in the list layout."""
+        """(loss_i, own cache {"kv", "states"}) of chunk i given the stored K/V buffers `kv` (or None),
+        differentiable in params and states (the K/V cotangent goes through `chunk_fn_sink`)."""
         loss, own = self._run_chunk(params, self._prefix(kv, states, i), i, with_loss)
         return loss, self._own(own)
 
@@ -139,16 +130,6 @@ class ChunkProgram:
     def to_storage(self, x):
         """K/V values -> the buffers' storage dtype (raw words for 2-byte floats, see __init__)."""
         return x if self.kv_storage == self.kv_dtype else jax.lax.bitcast_convert_type(x, self.kv_storage)
-
-    def values(self, kv):
-        """Stored K/V buffers -> the K/V values (a free reinterpretation of the bits)."""
-        if kv is None or self.kv_storage == self.kv_dtype:
-            return kv
-        return {n: jax.lax.bitcast_convert_type(a, self.kv_dtype) for n, a in kv.items()}
-
-    def chunk_kv(self, kv):
-        """What `chunk_fn` takes as `kv` for the stored buffers `kv` (see chunk_fn)."""
-        return kv if self.stacked else self.values(kv)
 
     def empty_caches(self):
         """Zero caches entering chunk 0: softmax [Ls,B,Tp,Hkv,D] buffers (storage dtype), lightning zero states."""
@@ -171,7 +152,7 @@ def forward_fill(prog: ChunkProgram, params, *, with_loss: bool):
 
     def step(caches, i):
         kv, states = caches["kv"], caches["states"]
-        loss, own = prog.chunk_fn(params, prog.chunk_kv(kv), states, i, with_loss)
+        loss, own = prog.chunk_fn(params, kv, states, i, with_loss)
         if kv is not None:  # write this chunk's K/V at its offset (in place: the buffer is the loop carry)
             kv = {n: jax.lax.dynamic_update_slice_in_dim(kv[n], prog.to_storage(own["kv"][n]), i * cb.chunk, axis=2)
                   for n in KV}
@@ -210,11 +191,10 @@ def reverse_accumulate(prog: ChunkProgram, params, kv, entering, chunk_weights, 
             (loss, _, _), vjp = jax.vjp(lambda p, sink, s: prog.chunk_fn_sink(p, kv, sink, s, i),
                                         params, kv_ct, states)
             d_params, new_kv_ct, d_states = vjp(((w * jnp.ones_like(loss)).astype(loss.dtype), own_ct, kv_ct))
-        else:
-            (loss, _), vjp = jax.vjp(lambda p, c, s: prog.chunk_fn(p, c, s, i), params, prog.values(kv), states)
-            d_params, d_kv, d_states = vjp(((w * jnp.ones_like(loss)).astype(loss.dtype), own_ct))
-            new_kv_ct = (None if kv_ct is None
-                         else {n: kv_ct[n] + d_kv[n].astype(kv_ct[n].dtype) for n in KV})
+        else:  # lightning layers only: no K/V
+            (loss, _), vjp = jax.vjp(lambda p, s: prog.chunk_fn(p, None, s, i), params, states)
+            d_params, d_states = vjp(((w * jnp.ones_like(loss)).astype(loss.dtype), own_ct))
+            new_kv_ct = None
         # the state entering chunk i is the state leaving chunk i-1
         return loss, d_params, new_kv_ct, [d.astype(c.dtype) for d, c in zip(d_states, state_cts)]
 

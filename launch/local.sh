@@ -9,4 +9,5 @@ if [ "${1:-}" = "--devices" ]; then
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
   shift 2
 fi
-exec python3 -m longtrain "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/_longtrain.sh"
+exec "${LONGTRAIN[@]}" "$@"

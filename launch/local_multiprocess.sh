@@ -15,19 +15,30 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
+source "$(dirname "${BASH_SOURCE[0]}")/_longtrain.sh"
 LOG_DIR="${LONGTRAIN_LOG_DIR:-/tmp}"
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="$(echo "${XLA_FLAGS:-}" | sed 's/--xla_force_host_platform_device_count=[0-9]*//') --xla_force_host_platform_device_count=${DEVS}"
 export LONGTRAIN_COORDINATOR="127.0.0.1:${PORT}" LONGTRAIN_NUM_PROCESSES="${NPROC}"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
-trap cleanup TERM INT
+signals=0
+# SIGTERM or SIGINT (Ctrl-C) here becomes SIGTERM for every process (background processes of a script ignore
+# SIGINT); each finishes its step, saves and exits 0, and so does this script
+forward() { signals=$((signals + 1)); for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
+trap forward TERM INT
 for ((i = 1; i < NPROC; i++)); do
-  LONGTRAIN_PROCESS_ID=$i python3 -m longtrain "$@" >"${LOG_DIR}/longtrain_proc${i}.log" 2>&1 &
+  LONGTRAIN_PROCESS_ID=$i "${LONGTRAIN[@]}" "$@" >"${LOG_DIR}/longtrain_proc${i}.log" 2>&1 &
   pids+=($!)
 done
-LONGTRAIN_PROCESS_ID=0 python3 -m longtrain "$@" &
+LONGTRAIN_PROCESS_ID=0 "${LONGTRAIN[@]}" "$@" &
 pids+=($!)
 status=0
-for p in "${pids[@]}"; do wait "$p" || status=$?; done
+for p in "${pids[@]}"; do
+  while :; do  # a trapped signal interrupts `wait` (status 128+n): wait again for the process's own exit status
+    seen=$signals; rc=0
+    wait "$p" || rc=$?
+    [ "$signals" -eq "$seen" ] && break
+  done
+  [ "$rc" -eq 0 ] || status=$rc
+done
 exit $status

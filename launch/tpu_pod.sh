@@ -12,4 +12,5 @@ export LIBTPU_INIT_ARGS="${LIBTPU_INIT_ARGS:-} \
   --xla_tpu_enable_async_collective_fusion_multiple_steps=true \
   --xla_tpu_overlap_compute_collective_tc=true \
   --xla_enable_async_all_gather=true"
-exec python3 -m longtrain train --distributed-auto "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/_longtrain.sh"
+exec "${LONGTRAIN[@]}" train --distributed-auto "$@"

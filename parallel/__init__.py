@@ -10,15 +10,20 @@
     ParallelRuntime(mesh, strategy=, layout=, ...)                 the models' runtime contract
     shard_params(params, param_logical_axes, mesh), param_shardings(...), batch_sharding(mesh, shape)
 """
-from longtrain.parallel.context_attention import STRATEGIES, context_attention, pick_strategy
-from longtrain.parallel.layout import LAYOUTS, causal_work_per_rank, from_layout, imbalance, to_layout
-from longtrain.parallel.lightning import context_lightning_attention
-from longtrain.parallel.mesh import MESH_AXES, make_mesh, mesh_from_config
-from longtrain.parallel.runtime import ParallelRuntime
-from longtrain.parallel.sharding import (ACTIVATION_RULES, PARAM_RULES, batch_sharding, logical_to_spec,
-                                         param_shardings, shard_params)
+if __name__ != "longtrain.parallel":  # imported as a bare top-level name from the repo root
+    from longtrain._top_level import step_aside
 
-__all__ = ["ACTIVATION_RULES", "LAYOUTS", "MESH_AXES", "PARAM_RULES", "STRATEGIES", "ParallelRuntime",
-           "batch_sharding", "causal_work_per_rank", "context_attention", "context_lightning_attention",
-           "from_layout", "imbalance", "logical_to_spec", "make_mesh", "mesh_from_config", "param_shardings",
-           "pick_strategy", "shard_params", "to_layout"]
+    step_aside(__name__, __file__)
+else:
+    from longtrain.parallel.context_attention import STRATEGIES, context_attention, pick_strategy
+    from longtrain.parallel.layout import LAYOUTS, causal_work_per_rank, from_layout, imbalance, to_layout
+    from longtrain.parallel.lightning import context_lightning_attention
+    from longtrain.parallel.mesh import MESH_AXES, make_mesh, mesh_from_config
+    from longtrain.parallel.runtime import ParallelRuntime
+    from longtrain.parallel.sharding import (ACTIVATION_RULES, PARAM_RULES, batch_sharding, logical_to_spec,
+                                             param_shardings, shard_params)
+
+    __all__ = ["ACTIVATION_RULES", "LAYOUTS", "MESH_AXES", "PARAM_RULES", "STRATEGIES", "ParallelRuntime",
+               "batch_sharding", "causal_work_per_rank", "context_attention", "context_lightning_attention",
+               "from_layout", "imbalance", "logical_to_spec", "make_mesh", "mesh_from_config", "param_shardings",
+               "pick_strategy", "shard_params", "to_layout"]

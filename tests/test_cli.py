@@ -50,7 +50,7 @@ def test_config_errors_exit_2_with_message(repo_root, tmp_path):
     cases = [
         (["optim.lr=1"], ["optim.lr", "optim.learning_rate"]),
         (["model.num_layers=two"], ["model.num_layers", "two", "integer"]),
-        (["mesh.data=3"], ["mesh product", "8 devices"]),
+        (["mesh.data=3", "--devices", "8"], ["mesh product", "8 devices"]),
         (["model.num_kv_heads=3"], ["num_kv_heads=3", "divisible"]),
         (["noequals"], ["key=value"]),
     ]
@@ -74,12 +74,33 @@ def test_local_launcher_sets_simulated_devices(repo_root, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     script = os.path.join(repo_root, "launch", "local.sh")
     config = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
-    ok = subprocess.run(["bash", script, "--devices", "4", "config", config, "mesh.data=1"], capture_output=True,
+    ok = subprocess.run(["bash", script, "--devices", "4", "config", config, "mesh.data=-1"], capture_output=True,
                         text=True, env=env, cwd=tmp_path, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(["bash", script, "--devices", "4", "config", config], capture_output=True, text=True,
+    assert yaml.safe_load(ok.stdout)["mesh"]["data"] == -1
+    bad = subprocess.run(["bash", script, "--devices", "4", "config", config, "mesh.data=-1", "mesh.context=8"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "cannot fill 4 devices" in bad.stderr  # the -1 is filled from the 4 devices
+
+
+def test_config_needs_no_devices_to_print_a_config(repo_root, tmp_path):
+    """On a one-device laptop, `longtrain config` checks the config against its own mesh (8 devices here)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+    path = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
+    out = subprocess.run([sys.executable, "-m", "longtrain", "config", path], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=120)
-    assert bad.returncode == 2 and "4 devices" in bad.stderr  # data=2 x context=4 needs 8
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["mesh"]["context"] == 4
+    bad = subprocess.run([sys.executable, "-m", "longtrain", "config", path, "data.batch_size=3"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "data.batch_size=3" in bad.stderr  # cross-field checks still run
+
+
+def test_usage_shows_overrides_as_optional(repo_root, tmp_path):
+    out = run_cli("train", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "[key=value ...]" in out.stderr
+    assert out.stderr.rstrip().endswith("the following arguments are required: config")
 
 
 def test_overrides_may_follow_flags(repo_root, tmp_path):

@@ -181,6 +181,34 @@ def test_eval_batches_are_fixed_and_carry_answer_masks():
     assert not np.array_equal(train["tokens"], x["tokens"])  # eval uses another stream than training
 
 
+def test_answer_weight_scales_the_loss_mask_of_answer_targets_only():
+    """Training batches with synthetic_answer_weight=w: loss_mask is w where the target is an answer token (the
+    eval-style answer_mask of the same rows, read with the digits themselves), 1 elsewhere on targets."""
+    from longtrain.data.tokenizers import ByteTokenizer
+
+    plain_cfg = DataConfig(seq_len=256, batch_size=4, synthetic_task="passkey")
+    weighted = next(make_dataset(dataclasses.replace(plain_cfg, synthetic_answer_weight=7.5)))
+    plain = next(make_dataset(plain_cfg))
+    assert "answer_mask" not in weighted and "answer_mask" not in plain
+    for key in ("tokens", "targets", "segment_ids", "positions"):
+        np.testing.assert_array_equal(weighted[key], plain[key])
+    upweighted = weighted["loss_mask"] == 7.5
+    np.testing.assert_array_equal(weighted["loss_mask"][~upweighted], plain["loss_mask"][~upweighted])
+    assert (plain["loss_mask"][upweighted] == 1).all()
+    # oracle: each document's answer is the 5 digits after its question "The pass key is "
+    text = ByteTokenizer().decode
+    for r in range(weighted["tokens"].shape[0]):
+        for s_id in np.unique(weighted["segment_ids"][r][weighted["segment_ids"][r] > 0]):
+            where = np.flatnonzero(weighted["segment_ids"][r] == s_id)
+            doc = text(weighted["tokens"][r, where].tolist())
+            q = doc.rfind("The pass key is ") + len("The pass key is ")
+            if doc.startswith("There is a pass key") and q + 5 < len(doc):  # a whole document in this row
+                want = np.zeros(where.size, bool)
+                want[q - 1:q + 4] = True  # positions whose next token is one of the 5 digits
+                np.testing.assert_array_equal(upweighted[r, where], want)
+    assert upweighted.sum() >= 5
+
+
 def assert_resumes_to(again, state: dict, want_steps: list) -> None:
     """`again` restored from `state` yields exactly `want_steps` (balance mode: plans and every array)."""
     again.set_state(state)

@@ -21,6 +21,21 @@ def test_passkey_hides_the_answer_at_any_length(length):
     assert text.endswith(f"The pass key is {answer}.")
 
 
+def test_passkey_needle_depth_keeps_the_key_far_from_the_question():
+    """needle_depth=(0, 0.5): the key lies in the first half of the filler, so at least half of it separates the
+    key from the question; (0.5, 1) puts it in the second half. Both ends are reached over many draws."""
+    length, far, near = 1024, [], []
+    for i in range(200):
+        for depth, out in (((0.0, 0.5), far), ((0.5, 1.0), near)):
+            doc = passkey(np.random.default_rng(i), length, "t", needle_depth=depth)
+            text = doc.text
+            key = "".join(t for t, is_answer in doc.segments if is_answer)
+            out.append(len(text) - text.index(f"The pass key is {key}"))  # needle -> end of document
+    filler = length - 200  # head, needle and question take under 200 characters
+    assert min(far) >= filler / 2 and max(near) <= filler / 2 + 200
+    assert max(far) > length - 250 and min(near) < 250  # uniform over the range: both ends occur
+
+
 @pytest.mark.parametrize("length", [300, 8000])
 def test_associative_recall_answers_are_the_stored_values(length):
     doc = associative_recall(np.random.default_rng(1), length, "t", num_queries=5)

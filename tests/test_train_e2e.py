@@ -116,6 +116,34 @@ def test_reference_run_learns_evaluates_logs_and_checkpoints(reference):
     assert "step 60 loss=" in stdout  # plain progress lines when stdout is not a TTY
 
 
+def _pixels_of_color(image_HWC, hex_color, tol=0.02):
+    rgb = [int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    return int(((abs(image_HWC[..., :3] - rgb) < tol).all(axis=-1)).sum())
+
+
+def test_reference_run_ends_with_a_summary_and_a_plot(reference):
+    """The last lines say how the run ended (numbers equal to the last metrics records) and where things are;
+    curves.png beside metrics.jsonl shows train loss, eval loss and retrieval accuracy."""
+    import matplotlib.image
+
+    out, losses, stdout = reference
+    evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"eval"' in line]
+    summary = stdout[stdout.index("summary:"):]
+    assert summary.startswith(f"summary: {STEPS} steps")
+    assert f"final loss {losses[STEPS]['loss']:.4f}" in summary
+    assert f"eval loss {evals[-1]['eval_loss']:.4f}" in summary
+    assert f"retrieval accuracy {evals[-1]['eval_retrieval_accuracy']:.2f}" in summary
+    assert "tokens/s" in summary
+    png = os.path.join(out, "curves.png")
+    for where in (os.path.join(out, "checkpoints"), os.path.join(out, "metrics.jsonl"), png):
+        assert where in summary
+    image = matplotlib.image.imread(png)
+    assert image.shape[:2] == (640, 900)  # two panels: losses, and retrieval accuracy
+    assert _pixels_of_color(image, "#1f77b4") > 200  # train loss (matplotlib's first line color)
+    assert _pixels_of_color(image, "#ff7f0e") > 100  # eval loss
+    assert _pixels_of_color(image, "#2ca02c") > 100  # retrieval accuracy
+
+
 def test_kill9_then_restart_resumes_bitwise(repo_root, env, reference, tmp_path):
     _, ref, _ = reference
     out = str(tmp_path)
@@ -260,3 +288,26 @@ def test_two_processes_of_4_devices_equal_one_process_of_8(env, reference, tmp_p
     for s in got:
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6), s
     assert _committed(out) == [3]
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_the_multiprocess_launcher_saves_and_exits_0(env, tmp_path):
+    """SIGTERM to launch/local_multiprocess.sh reaches every process; each finishes its step and saves, and the
+    script exits 0 like the trainer (not 143)."""
+    out = str(tmp_path / "run")
+    e = {**env, "LONGTRAIN_LOG_DIR": str(tmp_path)}
+    e["XLA_FLAGS"] = e.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    cmd = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--processes", "2",
+           "--devices-per-process", "4", *_cmd(REPO, out, [*QUIET, "train.eval_every=0", "logging.every=1",
+                                                          "checkpoint.every=1000"])[3:]]
+    proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_for(lambda: _last_step(out) >= 2, proc, timeout=240), "the run ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-3000:]
+    saved = _committed(out)
+    assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved

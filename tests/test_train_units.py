@@ -172,3 +172,23 @@ def test_progress_is_plain_lines_off_a_tty(capsys):
     p.update({"step": 5, "loss": 1.25, "lr": 1e-3, "skipped": False})
     assert "step 5 loss=1.2500 lr=1.00e-03 eta=" in capsys.readouterr().out
     assert isinstance(make_progress("bar", 10, 0, is_main_process=False), NoProgress)
+
+
+def test_progress_bar_keeps_counter_bar_and_eta_on_an_80_column_terminal():
+    import io
+
+    from rich.console import Console
+
+    from longtrain.train.progress import BarProgress
+
+    record = dict(step=37, loss=1.2345, grad_norm=0.5, lr=3e-3, tokens_per_s=12345.0, step_time_s=0.123, mfu=None)
+    for width in (80, 140):
+        bar = BarProgress(300, 0, console=Console(file=io.StringIO(), width=width))
+        bar.update(record)
+        bar.close()
+        screen = Console(file=io.StringIO(), width=width, record=True)
+        screen.print(bar._progress.get_renderable())
+        (line,) = screen.export_text().splitlines()
+        assert len(line) <= width
+        assert line.startswith("train  37/300 ━") and " eta " in line and "loss=1.2345" in line
+        assert ("step_time_s=0.123" in line) == (width >= 140)  # what does not fit is cut, not the bar

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from longtrain.config import load_config, to_yaml
 
@@ -9,14 +10,16 @@ from longtrain.config import load_config, to_yaml
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The CONFIG + overrides arguments shared by every command that reads a config."""
     parser.add_argument("config", help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.learning_rate=1e-4")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="optional dotted overrides, e.g. optim.learning_rate=1e-4")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument(
         "--devices", type=int, default=None,
-        help="check the mesh against this many devices instead of the ones JAX sees",
+        help="check the mesh against this many devices (default: the mesh's own product when no axis is -1, "
+             "else the devices JAX sees)",
     )
 
 
@@ -27,7 +30,11 @@ def visible_device_count() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    num_devices = args.devices if args.devices is not None else visible_device_count()
+    num_devices = args.devices
+    if num_devices is None:  # printing a config needs no devices unless a -1 axis must be filled from them
+        mesh = load_config(args.config, args.overrides).mesh
+        sizes = [mesh.data, mesh.fsdp, mesh.context, mesh.tensor]
+        num_devices = visible_device_count() if -1 in sizes else math.prod(sizes)
     config = load_config(args.config, args.overrides, num_devices=num_devices)
     print(to_yaml(config), end="")
     return 0

@@ -362,6 +362,10 @@ def check_cross_fields(config: Config, *, num_devices: int | None = None) -> Non
         raise ConfigError(
             f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}; give one weight per path"
         )
+    depth = d.synthetic_needle_depth
+    if len(depth) != 2 or not 0.0 <= depth[0] <= depth[1] <= 1.0:
+        raise ConfigError(f"data.synthetic_needle_depth={list(depth)} must be [from, to] with 0 <= from <= to <= 1 "
+                          "(fractions of the filler before the question)")
     if d.source not in ("synthetic",) and not d.paths:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (files or glob patterns)")
     if num_devices is not None:

@@ -152,6 +152,13 @@ class DataConfig:
         "uniform", help="length law of synthetic examples, in [synthetic_min_len, synthetic_max_len]")
     synthetic_min_len: int = knob(64, ge=1)
     synthetic_max_len: int | None = knob(None, ge=1, help="defaults to seq_len")
+    synthetic_needle_depth: list[float] = knob(
+        factory=lambda: [0.0, 1.0], help="passkey: where the key may lie, as fractions [from, to] of the filler "
+                                         "(0: at the start, 1: just before the question)")
+    synthetic_answer_weight: float = knob(
+        1.0, ge=0, help="training loss weight of the synthetic task's answer tokens (the loss is the weighted mean "
+                        "over targets); eval is unweighted. Answers are a few tokens among many predictable ones: "
+                        "weighting them, as associative-recall studies train on answers, makes retrieval learnable")
     bos_token: str | None = knob(None, help="BOS token string (tokenizers JSON / HF folder); HF default otherwise")
     eos_token: str | None = knob(None, help="EOS token string (tokenizers JSON / HF folder); HF default otherwise")
     max_doc_len: int | None = knob(None, ge=1, help="split_long cuts documents to this; defaults to seq_len")

@@ -115,8 +115,8 @@ def document_dataset(cfg, *, seed: int, process_index: int = 0, process_count: i
     if cfg.source == "synthetic" or (eval and not paths):
         parts = [synthetic.SyntheticSource(
             cfg.synthetic_task, min_len=min(cfg.synthetic_min_len, cfg.synthetic_max_len or seq_len),
-            max_len=cfg.synthetic_max_len or seq_len, lengths=cfg.synthetic_lengths,
-            seed=seed + (_EVAL_SEED_OFFSET if eval else 0))]
+            max_len=cfg.synthetic_max_len or seq_len, lengths="fixed" if eval else cfg.synthetic_lengths,
+            seed=seed + (_EVAL_SEED_OFFSET if eval else 0), needle_depth=tuple(cfg.synthetic_needle_depth))]
         weights = None
     else:
         parts = [open_part(files, cfg) for files in source_files(cfg, eval=eval)]

@@ -46,13 +46,16 @@ class PackedIterator(grain.DatasetIterator):
     """Batches of best-fit packed rows [rows_per_batch, seq_len]; state = (window start, rows emitted)."""
 
     def __init__(self, docs: grain.MapDataset, *, seq_len: int, rows_per_batch: int, window_rows: int,
-                 max_doc_len: int, split_long: bool, strict: bool, answers: bool = False):
+                 max_doc_len: int, split_long: bool, strict: bool, answers: bool = False,
+                 answer_weight: float | None = None):
+        """`answers`: batches carry `answer_mask` (eval). `answer_weight`: training batches weight the loss of
+        synthetic answer targets by this in `loss_mask` (and carry no `answer_mask`)."""
         super().__init__()
         if max_doc_len > seq_len:
             raise ValueError(f"data.max_doc_len={max_doc_len} exceeds data.seq_len={seq_len}: a row cannot hold it")
         self._docs, self._T, self._B = docs, seq_len, rows_per_batch
         self._window_rows, self._max_len, self._split, self._strict = window_rows, max_doc_len, split_long, strict
-        self._answers = answers
+        self._answers, self._answer_weight = answers, answer_weight
         self._start, self._done, self._bad_before = 0, 0, BadDataLog(strict).state()
         self._window = None  # (rows dict, end index, BadDataLog after the window)
 
@@ -72,7 +75,12 @@ class PackedIterator(grain.DatasetIterator):
                     tokens += len(piece)
             i += 1
         rows = packing.best_fit_rows([len(d) for d in docs], self._T)
-        self._window = (packing.pack_rows(docs, rows, self._T, answers=self._answers), i, bad)
+        packed = packing.pack_rows(docs, rows, self._T, answers=self._answers or self._answer_weight is not None)
+        if self._answer_weight is not None:
+            answer = packed["answer_mask"] if self._answers else packed.pop("answer_mask")
+            packed["loss_mask"] = packed["loss_mask"] * np.where(answer > 0, self._answer_weight, 1.0
+                                                                 ).astype(np.float32)
+        self._window = (packed, i, bad)
 
     def __next__(self) -> dict:
         parts, need = [], self._B
@@ -195,10 +203,12 @@ def make_dataset(config, *, seq_len: int | None = None, global_batch: int | None
         return DataIterator(factory, cfg.prefetch)
     rows = _check_batch(global_batch or cfg.batch_size, process_count)
     docs = document_dataset(cfg, seed=seed, process_index=process_index, process_count=process_count, seq_len=seq_len)
+    weighted = cfg.source == "synthetic" and cfg.synthetic_answer_weight != 1.0
 
     def factory():
         return PackedIterator(docs, seq_len=seq_len, rows_per_batch=rows, window_rows=max(cfg.pack_window, rows),
-                              max_doc_len=cfg.max_doc_len or seq_len, split_long=cfg.split_long, strict=cfg.strict)
+                              max_doc_len=cfg.max_doc_len or seq_len, split_long=cfg.split_long, strict=cfg.strict,
+                              answer_weight=cfg.synthetic_answer_weight if weighted else None)
     return DataIterator(factory, cfg.prefetch)
 
 

@@ -39,13 +39,23 @@ def _filler(n: int, offset: int) -> str:
     return reps[offset % len(_FILLER):][:n]
 
 
-def passkey(rng: np.random.Generator, length: int, origin: str) -> SyntheticDoc:
-    key = f"{int(rng.integers(10000, 100000))}"
+def _distinct_digits(rng: np.random.Generator, n: int) -> list[int]:
+    """n different digits, the first not 0: each digit of the key then names its successor without ambiguity."""
+    first = int(rng.integers(1, 10))
+    rest = rng.permutation([d for d in range(10) if d != first])[:n - 1]
+    return [first, *map(int, rest)]
+
+
+def passkey(rng: np.random.Generator, length: int, origin: str,
+            needle_depth: tuple[float, float] = (0.0, 1.0)) -> SyntheticDoc:
+    """`needle_depth` (from, to): where the needle may lie, as fractions of the filler (0: right after the
+    instructions, 1: right before the question); (0, 0.5) keeps the key at least half the filler away."""
+    key = "".join(str(d) for d in _distinct_digits(rng, 5))
     head = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
     needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
     question = " What is the pass key? The pass key is "
     room = max(0, length - len(head) - len(needle) - len(question) - len(key))
-    before = int(rng.integers(0, room + 1))
+    before = int(rng.integers(int(needle_depth[0] * room), int(needle_depth[1] * room) + 1))
     text = head + _filler(before, 0) + needle + _filler(room - before, before) + question
     return SyntheticDoc(((text, False), (key, True), (".", False)), origin, "passkey")
 
@@ -77,13 +87,18 @@ class SyntheticSource:
     """Endless random-access source of synthetic examples (`len` is a large number; grain repeats it anyway)."""
 
     def __init__(self, task: str = "mixed", *, min_len: int = 64, max_len: int = 256, lengths: str = "uniform",
-                 seed: int = 0, size: int = 1 << 30, tail_alpha: float = 1.1):
+                 seed: int = 0, size: int = 1 << 30, tail_alpha: float = 1.1,
+                 needle_depth: tuple[float, float] = (0.0, 1.0)):
         if task not in TASKS:
             raise ValueError(f"data.synthetic_task={task!r} is not one of {TASKS}")
         if lengths not in LENGTH_LAWS:
             raise ValueError(f"data.synthetic_lengths={lengths!r} is not one of {LENGTH_LAWS}")
         if not 1 <= min_len <= max_len:
             raise ValueError(f"synthetic lengths need 1 <= min_len ({min_len}) <= max_len ({max_len})")
+        if len(needle_depth) != 2 or not 0.0 <= needle_depth[0] <= needle_depth[1] <= 1.0:
+            raise ValueError(f"data.synthetic_needle_depth={list(needle_depth)} must be [from, to] with "
+                             "0 <= from <= to <= 1")
+        self.needle_depth = (float(needle_depth[0]), float(needle_depth[1]))
         self.task, self.min_len, self.max_len, self.lengths = task, min_len, max_len, lengths
         self.seed, self.size, self.tail_alpha = seed, size, tail_alpha
 
@@ -102,7 +117,9 @@ class SyntheticSource:
         length = self.length_of(rng)
         task = self.task if self.task != "mixed" else ("passkey", "associative_recall")[int(rng.integers(2))]
         origin = f"synthetic:{task}:{i}"
-        return passkey(rng, length, origin) if task == "passkey" else associative_recall(rng, length, origin)
+        if task == "passkey":
+            return passkey(rng, length, origin, self.needle_depth)
+        return associative_recall(rng, length, origin)
 
 
 def score_answers(predicted_BT, batch: dict) -> dict:

@@ -111,13 +111,13 @@ class MetricsFile:
         self._f.close()
 
 
-def read_metrics(path: str) -> dict[int, dict]:
-    """step -> the last training record of that step (records with `"kind": "train"`)."""
+def read_metrics(path: str, kind: str = "train") -> dict[int, dict]:
+    """step -> the last record of that step of this kind (`"train"` or `"eval"`)."""
     out: dict[int, dict] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
-            if rec.get("kind") == "train":
+            if rec.get("kind") == kind:
                 out[int(rec["step"])] = rec
     return out
 

@@ -43,19 +43,34 @@ class PlainProgress:
 
 
 class BarProgress:
-    def __init__(self, total: int, start: int):
+    """Counter, bar and ETA keep their width on any terminal (80 columns included); the status text after them
+    (loss, throughput, ...) takes what is left and is cut with an ellipsis."""
+
+    def __init__(self, total: int, start: int, console=None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
+        from rich.table import Column
+
+        def fixed():
+            return Column(no_wrap=True)
 
         self._progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            TextColumn("[bold]train", table_column=fixed()), MofNCompleteColumn(table_column=fixed()),
+            BarColumn(bar_width=20, table_column=fixed()), TimeElapsedColumn(table_column=fixed()),
+            TextColumn("eta", table_column=fixed()), TimeRemainingColumn(table_column=fixed()),
+            TextColumn("{task.fields[status]}", table_column=fixed()),
+            console=console,
         )
+        # what the columns before the status take: "train", "n/total", bar, elapsed, "eta", remaining, 7 gaps
+        self._fixed_width = 5 + 2 * len(str(total)) + 1 + 20 + 7 + 3 + 7 + 7
         self._progress.start()
         self._task = self._progress.add_task("train", total=total, completed=start, status="")
 
     def update(self, record: dict[str, Any]) -> None:
         status = " ".join(_fmt(record).split(" ")[2:])
+        room = max(0, self._progress.console.width - self._fixed_width - 1)
+        if len(status) > room:
+            status = status[:max(0, room - 1)] + "…"
         self._progress.update(self._task, completed=record["step"], status=status)
 
     def message(self, text: str) -> None:

@@ -27,6 +27,7 @@ from longtrain.train.metrics import (MetricsFile, WandbSink, document_lengths, p
                                      train_flops_of_lengths)
 from longtrain.train.model_loss import make_eval_step
 from longtrain.train.progress import make_progress
+from longtrain.train.report import PLOT_NAME, plot_curves, summary_lines
 from longtrain.train.signals import StopRequest
 from longtrain.train.program import build_program
 
@@ -112,6 +113,7 @@ def evaluate(config: Config, session: "setup.Session", params: Any, eval_fn) -> 
 
 def train(config: Config) -> TrainResult:
     """Run `config` to `train.steps` (resuming from the latest checkpoint). Returns the exit code to use."""
+    t_start = time.perf_counter()
     check_init_from(config.train.init_from)
     session = setup.build_session(config)  # mesh, runtime, data: fails on bad config/missing data before compiling
     main = jax.process_index() == 0
@@ -143,8 +145,9 @@ def train(config: Config) -> TrainResult:
     eval_fn = jax.jit(make_eval_step(config, session.runtime), in_shardings=(state_shardings["params"],
                                                                               session.batch_sharding))
 
-    metrics_file = MetricsFile(config.logging.metrics_file or os.path.join(config.train.output_dir,
-                                                                             "metrics.jsonl")) if main else None
+    metrics_path = config.logging.metrics_file or os.path.join(config.train.output_dir, "metrics.jsonl")
+    metrics_file = MetricsFile(metrics_path) if main else None
+    plot_path = os.path.join(os.path.dirname(os.path.abspath(metrics_path)), PLOT_NAME)
     wandb = WandbSink(config, config_dict) if main else None
     progress = make_progress(config.logging.progress, total_steps, start_step, main)
     if latest is not None:
@@ -166,7 +169,13 @@ def train(config: Config) -> TrainResult:
         if ckpt is not None:
             ckpt.save(step, state, session.dataset.get_state(), config_dict)
 
+    def plot():
+        if metrics_file is not None:
+            return plot_curves(metrics_path, plot_path)
+        return None
+
     stopped_by, exit_code, step, tracing = None, EXIT_OK, start_step, False
+    last_train, last_eval, timed_tokens, timed_s = None, None, 0.0, 0.0
     try:
         with StopRequest() as stop:
             while step < total_steps:
@@ -193,6 +202,10 @@ def train(config: Config) -> TrainResult:
                 record.update(kind="train", step=step, step_time_s=dt, tokens_per_s=float(lengths.sum()) / dt,
                               skipped=not record.pop("finite"),
                               mfu=(flops / dt / (peak[1] * jax.device_count())) if peak else None)
+                if step > start_step + 1:  # throughput over the steps after this session's first
+                    timed_tokens, timed_s = timed_tokens + float(lengths.sum()), timed_s + dt
+                if not record["skipped"]:
+                    last_train = record
                 if step % config.logging.every == 0 or record["skipped"] or step == total_steps:
                     log(record)
                     progress.update(record)
@@ -206,6 +219,8 @@ def train(config: Config) -> TrainResult:
                     ev = evaluate(config, session, state["params"], eval_fn)
                     ev.update(kind="eval", step=step)
                     log(ev)
+                    last_eval = ev
+                    plot()
                     progress.message(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in ev.items() if k != "kind"))
                 if step % config.checkpoint.every == 0 or step == total_steps:
@@ -237,4 +252,11 @@ def train(config: Config) -> TrainResult:
         export_dir = session.export_hf(state["params"])
         if main:
             print(f"exported Hugging Face model to {export_dir}", flush=True)
+    if main:
+        lines = summary_lines(
+            steps=step, wall_s=time.perf_counter() - t_start, last_train=last_train, last_eval=last_eval,
+            tokens_per_s=(timed_tokens / timed_s) if timed_s > 0 else None,
+            checkpoint_dir=checkpoint_dir(config) if ckpt is not None else None, export_dir=export_dir,
+            metrics_path=metrics_path, plot_path=plot())
+        print("\n".join(lines), flush=True)
     return TrainResult(exit_code=exit_code, final_step=step, stopped_by=stopped_by, export_dir=export_dir)

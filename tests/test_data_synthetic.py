@@ -36,6 +36,39 @@ def test_passkey_needle_depth_keeps_the_key_far_from_the_question():
     assert max(far) > length - 250 and min(near) < 250  # uniform over the range: both ends occur
 
 
+def test_random_words_filler_is_a_small_per_document_vocabulary():
+    """filler="random_words": the text between instructions, needle and question is lowercase words from at most
+    8 words per document (different documents, different words); the key is only in the needle and the answer."""
+    head = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    vocabularies = []
+    for i in range(20):
+        doc = passkey(np.random.default_rng(i), 2000, "t", filler="random_words")
+        text, key = doc.text, "".join(t for t, is_answer in doc.segments if is_answer)
+        assert abs(len(text) - 2000) <= 2 and text.count(key) == 3 and re.fullmatch(r"\d{5}", key)
+        assert len(set(key)) == 5 and key[0] != "0"  # distinct digits: each names its successor
+        needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+        filler = text[len(head):text.index(" What is the pass key?")].replace(needle, " ")
+        words = set(filler.split())
+        assert re.fullmatch(r"[a-z ]+", filler) and 2 <= len(words) <= 8 + 3  # +3: words cut at the needle, the end
+        vocabularies.append(words)
+    assert len(set.intersection(*vocabularies[:5])) == 0
+
+
+def test_length_curriculum_grows_lengths_to_the_full_law():
+    """Stream position k: the process's k-th example, its drawn length scaled by (k + 1) / ramp from min_len; from
+    the ramp on, exactly the source's own example."""
+    from longtrain.data.synthetic import LengthCurriculum
+
+    src = SyntheticSource("associative_recall", min_len=100, max_len=4000, lengths="uniform", seed=3)
+    curriculum = LengthCurriculum(src, ramp_docs=100, process_index=1, process_count=2)
+    early = [len(curriculum(k).text) for k in range(10)]
+    late = [curriculum(k).text for k in range(100, 110)]
+    assert late == [src[1 + 2 * k].text for k in range(100, 110)]
+    assert max(early) < 100 + 0.1 * 3900 + 12 < np.mean([len(t) for t in late])  # 12: one key=value pair
+    mid = [len(curriculum(k).text) for k in range(40, 60)]
+    assert np.mean(early) < np.mean(mid) < np.mean([len(t) for t in late])
+
+
 @pytest.mark.parametrize("length", [300, 8000])
 def test_associative_recall_answers_are_the_stored_values(length):
     doc = associative_recall(np.random.default_rng(1), length, "t", num_queries=5)

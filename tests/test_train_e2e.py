@@ -72,6 +72,19 @@ def _wait_for(predicate, proc, timeout=180):
     return False
 
 
+def _sigterm_after_step(cmd, env, out_dir, step, timeout=180):
+    """Start `cmd`, send SIGTERM once its metrics show `step`; -> (process, stdout, stderr) after it exits."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: _last_step(out_dir) >= step, proc, timeout), "the run ended before SIGTERM"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, stdout, stderr
+
+
 def _last_step(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     return max(read_metrics(path), default=0) if os.path.exists(path) else 0
@@ -225,15 +238,8 @@ def test_restore_8_device_checkpoint_on_4_devices(repo_root, env, reference, tmp
 
 def test_sigterm_saves_and_exits_zero_and_profiles(repo_root, env, tmp_path):
     out = str(tmp_path)
-    proc = subprocess.Popen(_cmd(repo_root, out, [*QUIET, "train.profile_steps=[2,3]"]), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert _wait_for(lambda: _last_step(out) >= 7, proc), "run ended before SIGTERM"
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, stdout, stderr = _sigterm_after_step(_cmd(repo_root, out, [*QUIET, "train.profile_steps=[2,3]"]), env,
+                                               out, 7)
     assert proc.returncode == 0, stderr[-3000:]
     stopped = _last_step(out)
     assert stopped < STEPS and "stopped by SIGTERM" in stdout
@@ -270,15 +276,21 @@ def test_missing_data_path_fails_before_compiling(repo_root, env, tmp_path):
     assert time.time() - t0 < 60
 
 
+def _two_process_launch(env, tmp_path, out, extra):
+    """(command, environment) of launch/local_multiprocess.sh: 2 processes x 4 devices training into `out`."""
+    e = {**env, "LONGTRAIN_LOG_DIR": str(tmp_path)}
+    e["XLA_FLAGS"] = e.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    cmd = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--processes", "2",
+           "--devices-per-process", "4", *_cmd(REPO, out, [*QUIET, *extra])[3:]]
+    return cmd, e
+
+
 @pytest.mark.multiprocess
 def test_two_processes_of_4_devices_equal_one_process_of_8(env, reference, tmp_path):
     """launch/local_multiprocess.sh: jax.distributed on 127.0.0.1 with gloo; same losses as the 8-device run."""
     _, ref, _ = reference
     out = str(tmp_path / "run")
-    e = {**env, "LONGTRAIN_LOG_DIR": str(tmp_path)}
-    e["XLA_FLAGS"] = e.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    cmd = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--processes", "2",
-           "--devices-per-process", "4", *_cmd(REPO, out, [*QUIET, "train.eval_every=0"])[3:]]
+    cmd, e = _two_process_launch(env, tmp_path, out, ["train.eval_every=0"])
     cmd = [c if c != f"train.steps={STEPS}" else "train.steps=3" for c in cmd]
     r = _run(cmd, e, timeout=300)
     other = open(tmp_path / "longtrain_proc1.log").read() if os.path.exists(tmp_path / "longtrain_proc1.log") else ""
@@ -295,19 +307,9 @@ def test_sigterm_to_the_multiprocess_launcher_saves_and_exits_0(env, tmp_path):
     """SIGTERM to launch/local_multiprocess.sh reaches every process; each finishes its step and saves, and the
     script exits 0 like the trainer (not 143)."""
     out = str(tmp_path / "run")
-    e = {**env, "LONGTRAIN_LOG_DIR": str(tmp_path)}
-    e["XLA_FLAGS"] = e.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    cmd = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--processes", "2",
-           "--devices-per-process", "4", *_cmd(REPO, out, [*QUIET, "train.eval_every=0", "logging.every=1",
-                                                          "checkpoint.every=1000"])[3:]]
-    proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert _wait_for(lambda: _last_step(out) >= 2, proc, timeout=240), "the run ended before the signal"
-        proc.send_signal(signal.SIGTERM)
-        log, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    cmd, e = _two_process_launch(env, tmp_path, out, ["train.eval_every=0", "logging.every=1",
+                                                      "checkpoint.every=1000"])
+    proc, log, _ = _sigterm_after_step(cmd, e, out, 2, timeout=240)
     assert proc.returncode == 0, log[-3000:]
     saved = _committed(out)
     assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved

@@ -155,6 +155,12 @@ class DataConfig:
     synthetic_needle_depth: list[float] = knob(
         factory=lambda: [0.0, 1.0], help="passkey: where the key may lie, as fractions [from, to] of the filler "
                                          "(0: at the start, 1: just before the question)")
+    synthetic_filler: Literal["repeated", "random_words"] = knob(
+        "repeated", help="passkey filler: the classic repeated sentence, or words of a random per-document "
+                         "vocabulary (predictable only by copying from context, which teaches retrieval)")
+    synthetic_curriculum_docs: int = knob(
+        0, ge=0, help="length curriculum: over this many training examples (per process) synthetic lengths grow "
+                      "from synthetic_min_len to the full law; 0 = off. Eval always uses the full length")
     synthetic_answer_weight: float = knob(
         1.0, ge=0, help="training loss weight of the synthetic task's answer tokens (the loss is the weighted mean "
                         "over targets); eval is unweighted. Answers are a few tokens among many predictable ones: "

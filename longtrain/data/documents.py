@@ -113,11 +113,18 @@ def document_dataset(cfg, *, seed: int, process_index: int = 0, process_count: i
     seq_len = seq_len or cfg.seq_len
     paths = cfg.eval_paths if eval else cfg.paths
     if cfg.source == "synthetic" or (eval and not paths):
-        parts = [synthetic.SyntheticSource(
+        source = synthetic.SyntheticSource(
             cfg.synthetic_task, min_len=min(cfg.synthetic_min_len, cfg.synthetic_max_len or seq_len),
             max_len=cfg.synthetic_max_len or seq_len, lengths="fixed" if eval else cfg.synthetic_lengths,
-            seed=seed + (_EVAL_SEED_OFFSET if eval else 0), needle_depth=tuple(cfg.synthetic_needle_depth))]
-        weights = None
+            seed=seed + (_EVAL_SEED_OFFSET if eval else 0), needle_depth=tuple(cfg.synthetic_needle_depth),
+            filler=cfg.synthetic_filler)
+        if cfg.synthetic_curriculum_docs and not eval:  # the stream position sets the length: no shuffle
+            curriculum = synthetic.LengthCurriculum(source, cfg.synthetic_curriculum_docs, process_index,
+                                                    process_count)
+            docs = grain.MapDataset.range(len(source) // process_count).map(curriculum).map(make_tokenize(cfg))
+            docs.epoch_length = len(source) // process_count
+            return docs
+        parts, weights = [source], None
     else:
         parts = [open_part(files, cfg) for files in source_files(cfg, eval=eval)]
         weights = None if eval else train_weights(cfg)

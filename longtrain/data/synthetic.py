@@ -34,9 +34,25 @@ class SyntheticDoc:
         return "".join(t for t, _ in self.segments)
 
 
+FILLERS = ("repeated", "random_words")
+
+
 def _filler(n: int, offset: int) -> str:
     reps = _FILLER * (n // len(_FILLER) + 2)
     return reps[offset % len(_FILLER):][:n]
+
+
+def _random_words(rng: np.random.Generator, n: int, num_words: int = 8) -> str:
+    """n characters of words drawn from a vocabulary of `num_words` random lowercase words made for this document.
+    Unlike the repeated sentence, a model cannot memorise it: past a word's first letters it is predictable only
+    by copying from an earlier occurrence in the context (the in-context copying that retrieval needs too)."""
+    letters = np.array(list(string.ascii_lowercase))
+    vocab = ["".join(rng.choice(letters, int(rng.integers(3, 8)))) for _ in range(num_words)]
+    words, size = [], 0
+    while size < n:
+        words.append(vocab[int(rng.integers(num_words))])
+        size += len(words[-1]) + 1
+    return " ".join(words)[:n]
 
 
 def _distinct_digits(rng: np.random.Generator, n: int) -> list[int]:
@@ -47,16 +63,21 @@ def _distinct_digits(rng: np.random.Generator, n: int) -> list[int]:
 
 
 def passkey(rng: np.random.Generator, length: int, origin: str,
-            needle_depth: tuple[float, float] = (0.0, 1.0)) -> SyntheticDoc:
+            needle_depth: tuple[float, float] = (0.0, 1.0), filler: str = "repeated") -> SyntheticDoc:
     """`needle_depth` (from, to): where the needle may lie, as fractions of the filler (0: right after the
-    instructions, 1: right before the question); (0, 0.5) keeps the key at least half the filler away."""
+    instructions, 1: right before the question); (0, 0.5) keeps the key at least half the filler away.
+    `filler`: "repeated" (the classic passkey text, one sentence over and over) or "random_words"."""
     key = "".join(str(d) for d in _distinct_digits(rng, 5))
     head = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
     needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
     question = " What is the pass key? The pass key is "
     room = max(0, length - len(head) - len(needle) - len(question) - len(key))
     before = int(rng.integers(int(needle_depth[0] * room), int(needle_depth[1] * room) + 1))
-    text = head + _filler(before, 0) + needle + _filler(room - before, before) + question
+    if filler == "random_words":
+        words = _random_words(rng, room + 1)
+        text = head + words[:before] + needle + words[before + 1:] + question
+    else:
+        text = head + _filler(before, 0) + needle + _filler(room - before, before) + question
     return SyntheticDoc(((text, False), (key, True), (".", False)), origin, "passkey")
 
 
@@ -88,7 +109,7 @@ class SyntheticSource:
 
     def __init__(self, task: str = "mixed", *, min_len: int = 64, max_len: int = 256, lengths: str = "uniform",
                  seed: int = 0, size: int = 1 << 30, tail_alpha: float = 1.1,
-                 needle_depth: tuple[float, float] = (0.0, 1.0)):
+                 needle_depth: tuple[float, float] = (0.0, 1.0), filler: str = "repeated"):
         if task not in TASKS:
             raise ValueError(f"data.synthetic_task={task!r} is not one of {TASKS}")
         if lengths not in LENGTH_LAWS:
@@ -98,7 +119,9 @@ class SyntheticSource:
         if len(needle_depth) != 2 or not 0.0 <= needle_depth[0] <= needle_depth[1] <= 1.0:
             raise ValueError(f"data.synthetic_needle_depth={list(needle_depth)} must be [from, to] with "
                              "0 <= from <= to <= 1")
-        self.needle_depth = (float(needle_depth[0]), float(needle_depth[1]))
+        if filler not in FILLERS:
+            raise ValueError(f"data.synthetic_filler={filler!r} is not one of {FILLERS}")
+        self.needle_depth, self.filler = (float(needle_depth[0]), float(needle_depth[1])), filler
         self.task, self.min_len, self.max_len, self.lengths = task, min_len, max_len, lengths
         self.seed, self.size, self.tail_alpha = seed, size, tail_alpha
 
@@ -113,13 +136,33 @@ class SyntheticSource:
         return int(min(self.max_len, self.min_len * (1.0 + rng.pareto(self.tail_alpha))))
 
     def __getitem__(self, i: int) -> SyntheticDoc:
+        return self.generate(i)
+
+    def generate(self, i: int, scale: float = 1.0) -> SyntheticDoc:
+        """Example i; `scale` in (0, 1] shrinks its drawn length towards min_len (a length curriculum)."""
         rng = np.random.default_rng([self.seed, int(i)])
         length = self.length_of(rng)
+        if scale < 1.0:
+            length = self.min_len + int((length - self.min_len) * scale)
         task = self.task if self.task != "mixed" else ("passkey", "associative_recall")[int(rng.integers(2))]
         origin = f"synthetic:{task}:{i}"
         if task == "passkey":
-            return passkey(rng, length, origin, self.needle_depth)
+            return passkey(rng, length, origin, self.needle_depth, self.filler)
         return associative_recall(rng, length, origin)
+
+
+class LengthCurriculum:
+    """Stream position k -> example k of `source` (this process's k-th: index process_index + k * process_count),
+    its length scaled from synthetic_min_len at k = 0 up to the source's own law after `ramp_docs` examples.
+    Picklable, for grain's `map`. Examples are independent draws, so the stream needs no shuffle."""
+
+    def __init__(self, source: SyntheticSource, ramp_docs: int, process_index: int = 0, process_count: int = 1):
+        self.source, self.ramp_docs = source, ramp_docs
+        self.process_index, self.process_count = process_index, process_count
+
+    def __call__(self, k: int) -> SyntheticDoc:
+        scale = min(1.0, (k + 1) / self.ramp_docs)
+        return self.source.generate(self.process_index + k * self.process_count, scale)
 
 
 def score_answers(predicted_BT, batch: dict) -> dict:

@@ -119,6 +119,57 @@ def test_exported_model_generates_and_bf16_sharded_export_loads(tmp_path):
     np.testing.assert_array_equal(params_bf16["layers"]["mlp"]["up_proj"]["kernel"], want)
 
 
+def test_export_over_an_earlier_sharded_export_leaves_none_of_its_files(tmp_path):
+    """Exporting into a folder that holds an earlier sharded export: only the new files remain, and both
+    transformers and import_hf read the NEW weights."""
+    src, out = str(tmp_path / "hf"), str(tmp_path / "exported")
+    make_hf_model("llama_untied_llama3", src)
+    config, params = import_hf(src)
+    export_hf(config, params, out, dtype="bf16", max_shard_bytes=8_000)
+    newer = jax.tree.map(lambda x: x * 1.5 + 0.01, params)
+    files = export_hf(config, newer, out)
+    assert sorted(os.listdir(out)) == sorted(files) and "model.safetensors" in files
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".exported.")]  # no temporary folders left
+    _, got = import_hf(out)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(newer)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    kernel = np.asarray(newer["layers"]["mlp"]["up_proj"]["kernel"][0]).T
+    np.testing.assert_array_equal(model.model.layers[0].mlp.up_proj.weight.detach().numpy(), kernel)
+
+
+def test_export_refuses_a_folder_with_foreign_files(tmp_path):
+    src, out = str(tmp_path / "hf"), tmp_path / "exported"
+    make_hf_model("llama_untied_llama3", src)
+    config, params = import_hf(src)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        export_hf(config, params, str(out))
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_import_refuses_an_index_that_does_not_match_its_files(tmp_path):
+    src, out = str(tmp_path / "hf"), str(tmp_path / "exported")
+    make_hf_model("llama_untied_llama3", src)
+    config, params = import_hf(src)
+    export_hf(config, params, out, max_shard_bytes=8_000)
+    index_path = os.path.join(out, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    first = sorted(set(index["weight_map"].values()))[0]
+    moved = next(t for t, f in index["weight_map"].items() if f == first)
+    index["weight_map"][moved] = sorted(set(index["weight_map"].values()))[1]  # the index says another shard
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(CheckpointFormatError, match=f"does not match .*{moved}"):
+        import_hf(out)
+    # a single-file export beside a stale index (what an export without the swap used to leave behind)
+    import shutil
+
+    shutil.copyfile(os.path.join(src, "model.safetensors"), os.path.join(out, "model.safetensors"))
+    with pytest.raises(CheckpointFormatError, match="both model.safetensors and model.safetensors.index.json"):
+        import_hf(out)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.fixture
 def llama_dir(tmp_path):

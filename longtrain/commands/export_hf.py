@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         written = export_hf(model_config, params, args.out_dir, dtype=args.dtype, source_dir=assets,
                             max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-    except UnsupportedConfigError as e:
+    except (UnsupportedConfigError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
     print(f"exported {model_config.architecture} from {ckpt_dir} -> {args.out_dir}: {', '.join(written)}")
     return 0

@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -139,7 +141,44 @@ def export_hf(config, params, path: str, *, dtype: str | None = None, source_dir
     converter = get_converter(config.architecture, source="model config")
     hf_config = converter.config_to_hf(config)
     out_dtype = _export_dtype(dtype)
-    os.makedirs(path, exist_ok=True)
+    final, path = path, _fresh_sibling(path, "tmp")
+    try:
+        written = _write_export(converter, config, params, hf_config, out_dtype, path, source_dir, max_shard_bytes)
+        _swap_in(path, final)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    return written
+
+
+def _fresh_sibling(path: str, tag: str) -> str:
+    """A new empty folder beside `path` (same file system, so renames are atomic)."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.{tag}-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    return folder
+
+
+def _swap_in(new: str, final: str) -> None:
+    """Replace the folder `final` by `new`, so no file of an earlier export survives. A folder holding anything an
+    export does not write is refused, naming the files, instead of being deleted."""
+    if os.path.isdir(final):
+        ours = re.compile(r"(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)$")
+        foreign = sorted(n for n in os.listdir(final) if not ours.match(n) and n not in ASSET_FILES)
+        if foreign:
+            raise FileExistsError(f"export folder {final} holds files an export does not write ({foreign[:5]}); "
+                                  "export into an empty or earlier-export folder")
+        old = _fresh_sibling(final, "old")
+        os.rename(final, os.path.join(old, "export"))
+        os.rename(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, final)
+
+
+def _write_export(converter, config, params, hf_config, out_dtype, path, source_dir, max_shard_bytes) -> list[str]:
     specs = converter.tensor_specs(config)
     items = []
     for spec in specs:

@@ -50,6 +50,11 @@ class SafetensorsReader:
         self.folder = folder
         index_path = os.path.join(folder, INDEX_FILE)
         single_path = os.path.join(folder, SINGLE_FILE)
+        if os.path.exists(index_path) and os.path.exists(single_path):
+            raise CheckpointFormatError(
+                f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE}: one is left over from an earlier export "
+                f"(transformers reads {SINGLE_FILE}); remove the stale one")
+        weight_map = None
         if os.path.exists(index_path):
             with open(index_path) as fh:
                 weight_map = json.load(fh).get("weight_map")
@@ -69,6 +74,14 @@ class SafetensorsReader:
             if not os.path.exists(path):
                 raise CheckpointFormatError(f"{self.described_as} lists {name}, which does not exist in {folder}")
             header, data_start = _read_header(path)
+            if weight_map is not None:  # the index must describe exactly what each shard holds
+                listed = {t for t, f in weight_map.items() if f == name}
+                if listed != set(header):
+                    extra, missing = sorted(set(header) - listed), sorted(listed - set(header))
+                    raise CheckpointFormatError(
+                        f"{index_path} does not match {path}: the file holds {len(header)} tensors, the index "
+                        f"lists {len(listed)} for it (not listed: {extra[:3]}, not in the file: {missing[:3]}); "
+                        "the index or the shard is stale")
             for tensor_name, info in header.items():
                 self.entries[tensor_name] = (path, info, data_start)
 

@@ -104,3 +104,30 @@ def test_loader_with_json_tokenizer_end_to_end(tmp_path):
     last = (seg > 0) & (batch["loss_mask"] == 0)
     assert (toks[last] == 2).all()  # ... and ends with EOS, whose target is masked
     assert dataclasses.replace(cfg).tokenizer == path
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_stops_before_compiling(tmp_path):
+    """A 1,000-token tokenizer with model.vocab_size=256 used to give NaN on every step; now `train` exits 2 with one
+    line naming both sizes. A missing tokenizer path is one line and exit 2 too."""
+    import os
+    import subprocess
+    import sys
+
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(999)}}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = str(tmp_path / "big.json")
+    tok.save(path)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [sys.executable, "-m", "longtrain", "train", os.path.join(repo, "configs", "tiny_cpu.yaml"), "--devices",
+            "8", f"train.output_dir={tmp_path / 'run'}", "logging.wandb_mode=disabled", "data.add_eos=false"]
+    for extra, wanted in (([f"data.tokenizer={path}", "model.vocab_size=256"], ["1000 tokens", "model.vocab_size=256"]),
+                          ([f"data.tokenizer={tmp_path / 'nope.json'}"], ["nope.json"])):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert all(w in r.stderr for w in wanted), r.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -123,6 +123,27 @@ def build_session(config: Config, *, with_data: bool = True) -> Session:
     return session
 
 
+def check_tokenizer(config: Config) -> None:
+    """Before anything compiles: the tokenizer loads, and every id it can produce (special tokens included) is a
+    row of the model's embedding. A larger tokenizer would index past the table: NaN or garbage on every step."""
+    from longtrain.data.tokenizers import make_tokenizer
+
+    d = config.data
+    try:
+        tokenizer = make_tokenizer(d.tokenizer, bos_token=d.bos_token, eos_token=d.eos_token)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e).splitlines()[0] if str(e) else f"data.tokenizer={d.tokenizer!r}: {e!r}") from None
+    vocab = config.model.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} tokens but "
+                          f"model.vocab_size={vocab}: set model.vocab_size >= {tokenizer.vocab_size} or use a "
+                          "smaller tokenizer")
+    for name, token_id in (("BOS", tokenizer.bos_id), ("EOS", tokenizer.eos_id)):
+        if token_id is not None and not 0 <= token_id < vocab:
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r}: its {name} id {token_id} is outside "
+                              f"model.vocab_size={vocab}")
+
+
 def attach_data(session: Session) -> None:
     """Build the training and eval iterators and the synthetic scorer (missing files fail here).
 
@@ -132,6 +153,7 @@ def attach_data(session: Session) -> None:
     from longtrain import data
 
     config = session.config
+    check_tokenizer(config)
     # balance mode: every process plans the whole step but reads only the documents on its own ranks
     share = (jax.process_index(), jax.process_count()) if config.data.balance.enabled else (0, 1)
     try:

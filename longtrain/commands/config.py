@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from longtrain.config import load_config, to_yaml
+from longtrain.config import check_cross_fields, load_config, to_yaml
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,11 +30,11 @@ def visible_device_count() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
     num_devices = args.devices
     if num_devices is None:  # printing a config needs no devices unless a -1 axis must be filled from them
-        mesh = load_config(args.config, args.overrides).mesh
-        sizes = [mesh.data, mesh.fsdp, mesh.context, mesh.tensor]
+        sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor]
         num_devices = visible_device_count() if -1 in sizes else math.prod(sizes)
-    config = load_config(args.config, args.overrides, num_devices=num_devices)
+    check_cross_fields(config, num_devices=num_devices)  # the mesh rules, against those devices
     print(to_yaml(config), end="")
     return 0

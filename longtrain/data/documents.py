@@ -112,24 +112,26 @@ def document_dataset(cfg, *, seed: int, process_index: int = 0, process_count: i
     """Endless, shuffled, tokenized documents of this process's share (see the module docstring)."""
     seq_len = seq_len or cfg.seq_len
     paths = cfg.eval_paths if eval else cfg.paths
+    curriculum = None
     if cfg.source == "synthetic" or (eval and not paths):
         source = synthetic.SyntheticSource(
             cfg.synthetic_task, min_len=min(cfg.synthetic_min_len, cfg.synthetic_max_len or seq_len),
             max_len=cfg.synthetic_max_len or seq_len, lengths="fixed" if eval else cfg.synthetic_lengths,
             seed=seed + (_EVAL_SEED_OFFSET if eval else 0), needle_depth=tuple(cfg.synthetic_needle_depth),
             filler=cfg.synthetic_filler)
-        if cfg.synthetic_curriculum_docs and not eval:  # the stream position sets the length: no shuffle
+        parts, weights = [source], None
+        if cfg.synthetic_curriculum_docs and not eval:
             curriculum = synthetic.LengthCurriculum(source, cfg.synthetic_curriculum_docs, process_index,
                                                     process_count)
-            docs = grain.MapDataset.range(len(source) // process_count).map(curriculum).map(make_tokenize(cfg))
-            docs.epoch_length = len(source) // process_count
-            return docs
-        parts, weights = [source], None
     else:
         parts = [open_part(files, cfg) for files in source_files(cfg, eval=eval)]
         weights = None if eval else train_weights(cfg)
-    docs, epoch_length = arrange(parts, weights=weights, shuffle_seed=seed + (_EVAL_SEED_OFFSET if eval else 0),
-                                 process_index=process_index, process_count=process_count)
+    if curriculum is not None:  # the stream position sets the length, so no shuffle (examples are independent)
+        epoch_length = len(parts[0]) // process_count
+        docs = grain.MapDataset.range(epoch_length).map(curriculum)
+    else:
+        docs, epoch_length = arrange(parts, weights=weights, shuffle_seed=seed + (_EVAL_SEED_OFFSET if eval else 0),
+                                     process_index=process_index, process_count=process_count)
     docs = docs.map(make_tokenize(cfg))
     docs.epoch_length = epoch_length
     return docs

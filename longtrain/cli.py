@@ -1,7 +1,8 @@
 """The `longtrain` command line.
 
 Each subcommand lives in its own module under `longtrain/commands/` with `add_arguments(parser)` and
-`run(args) -> int`; this file only wires them up. Config errors exit with code 2 and a one-line message.
+`run(args) -> int`; this file only wires them up. A user error (config, data, checkpoint: `longtrain.errors`)
+exits with code 2 and a one-line message, its traceback only with `--debug`; Ctrl-C exits 130 without one.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib
 import sys
 
 import longtrain
-from longtrain.config import ConfigError
+from longtrain.errors import UserError
 
 # name -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train long-context language models with JAX. Every config key can be overridden as key=value.",
     )
     parser.add_argument("--version", action="version", version=f"longtrain {longtrain.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors (anywhere on the "
+                                                             "command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     # argparse stops filling the `overrides` positional at the first flag; collect key=value tokens that come after
     # flags too, so `longtrain train CFG --devices 8 optim.learning_rate=1e-3` works.
     args, extra = parser.parse_known_args(argv)
@@ -52,9 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except ConfigError as e:
-        print(f"longtrain: config error: {e}", file=sys.stderr)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"longtrain: {e.kind} error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop (which stops cleanly itself): compiling, loading, ...
+        if debug:
+            raise
+        print("longtrain: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

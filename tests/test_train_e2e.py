@@ -236,6 +236,60 @@ def test_restore_8_device_checkpoint_on_4_devices(repo_root, env, reference, tmp
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5, abs=1e-6)
 
 
+def _copy_checkpoints_corrupting_the_latest(ref_out, out, how):
+    """The reference run's checkpoints (50, 55, 60) in `out`, with one state file of step 60 corrupted."""
+    shutil.copytree(os.path.join(ref_out, "checkpoints"), os.path.join(out, "checkpoints"))
+    files = glob.glob(os.path.join(out, "checkpoints", "60", "state", "**", "d", "*"), recursive=True)
+    path = max(files, key=os.path.getsize)
+    if how == "truncate":
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif how == "delete":
+        os.remove(path)
+    else:
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 3] ^= 0x01
+        open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
+def test_corrupt_latest_checkpoint_falls_back_and_continues_bitwise(repo_root, env, reference, tmp_path, how):
+    ref_out, ref, _ = reference
+    out = str(tmp_path / "run")
+    _copy_checkpoints_corrupting_the_latest(ref_out, out, how)
+    r = _run(_cmd(repo_root, out, [*QUIET, "train.steps=62"]), env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [line for line in r.stderr.splitlines() if "is corrupt" in line]
+    assert len(reports) == 1, r.stderr[-3000:]
+    assert reports[0].startswith("longtrain: checkpoint step 60 is corrupt: state")
+    assert reports[0].endswith("falling back to step 55")
+    assert "Traceback" not in r.stderr
+    assert "resumed from checkpoint step 55 " in r.stdout
+    changed = [line for line in r.stderr.splitlines() if "changed settings" in line]
+    assert len(changed) == 1 and changed[0].startswith("longtrain: resuming from step 55 with changed settings")
+    assert "train.steps: 60 -> 62" in changed[0]
+    assert os.path.isdir(os.path.join(out, "checkpoints", "corrupt", "60"))
+    got = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert sorted(got) == list(range(56, 63))
+    for s in range(56, STEPS + 1):
+        assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+
+
+def test_resume_refuses_a_changed_model_or_data_naming_the_keys(repo_root, env, reference, tmp_path):
+    ref_out, _, _ = reference
+    out = str(tmp_path / "run")
+    shutil.copytree(os.path.join(ref_out, "checkpoints"), os.path.join(out, "checkpoints"))
+    for extra, named in ((["model.hidden_size=128", "model.intermediate_size=384"],
+                          ["model.hidden_size: 64 -> 128", "model.intermediate_size: 192 -> 384"]),
+                         (["data.seq_len=128"], ["data.seq_len: 64 -> 128"])):
+        r = _run(_cmd(repo_root, out, [*QUIET, *extra]), env, timeout=120)
+        assert r.returncode == 2, r.stderr[-3000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("longtrain: config error: cannot resume from checkpoint "
+                                                       "step 60"), r.stderr[-3000:]
+        assert all(n in lines[0] for n in named), lines[0]
+    assert _committed(out) == [50, 55, 60]  # nothing moved or written
+
+
 def test_sigterm_saves_and_exits_zero_and_profiles(repo_root, env, tmp_path):
     out = str(tmp_path)
     proc, stdout, stderr = _sigterm_after_step(_cmd(repo_root, out, [*QUIET, "train.profile_steps=[2,3]"]), env,
@@ -300,6 +354,22 @@ def test_two_processes_of_4_devices_equal_one_process_of_8(env, reference, tmp_p
     for s in got:
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6), s
     assert _committed(out) == [3]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_agree_on_falling_back_past_a_corrupt_checkpoint(env, reference, tmp_path):
+    ref_out, ref, _ = reference
+    out = str(tmp_path / "run")
+    _copy_checkpoints_corrupting_the_latest(ref_out, out, "flip")
+    cmd, e = _two_process_launch(env, tmp_path, out, ["train.eval_every=0", "train.steps=57"])
+    r = _run(cmd, e, timeout=300)
+    other = open(tmp_path / "longtrain_proc1.log").read() if os.path.exists(tmp_path / "longtrain_proc1.log") else ""
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:] + other[-3000:]
+    assert "falling back to step 55" in r.stdout + r.stderr
+    got = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert sorted(got) == [56, 57]
+    for s in got:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6), s
 
 
 @pytest.mark.multiprocess

@@ -17,10 +17,13 @@ from typing import Any, Literal
 import yaml
 
 from longtrain.config.schema import Config
+from longtrain.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used. The message names the key, the value and what is allowed."""
+
+    kind = "config"
 
 
 # ----------------------------------------------------------------------------------------------- type handling

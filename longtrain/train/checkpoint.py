@@ -10,14 +10,26 @@ renamed to `<step>` only once every item (and every process) has finished. A cra
 at most a tmp folder, which `latest_step()` never returns and which is deleted on the next start; the previous
 step stays the latest good checkpoint. Restoring with an abstract target whose leaves carry the *new* shardings
 re-shards on read, so a checkpoint written on 8 devices restores onto 4 (or another mesh shape).
+
+Checkpoints verify themselves: a fourth item, `checksums`, holds a checksum of every state array (computed on the
+devices, independent of the sharding: `checksums.py`) and of the data and config JSON. `restore_latest` checks
+them on read; a step that cannot be read or does not match is reported in one line, moved aside to
+`<dir>/corrupt/<step>` (never deleted), and the next older step is tried. Every process reaches the same verdict.
 """
 from __future__ import annotations
 
 import base64
 import os
-from typing import Any
+import re
+import shutil
+from typing import Any, Callable
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from longtrain.errors import CheckpointError
+from longtrain.train import checksums
 
 
 def _to_json(value: Any) -> Any:
@@ -45,8 +57,60 @@ def _from_json(value: Any) -> Any:
     return value
 
 
+class CheckpointCorrupt(CheckpointError):
+    """One step failed verification or could not be read: `where` names the item/array/file, `what` the failure."""
+
+    def __init__(self, step: int, where: str, what: str):
+        self.step, self.where, self.what = step, where, what
+        super().__init__(f"checkpoint step {step} is corrupt: {where}: {what}")
+
+
+def _one_line(error: BaseException, step_dir: str) -> tuple[str, str]:
+    """(where, what) from a read error: the file of the step it names, and the innermost cause's first line."""
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(x) for x in chain)
+    where = "?"
+    at = text.find(step_dir + os.sep)
+    if at >= 0:
+        tail = text[at + len(step_dir) + 1:]
+        where = tail[:next((i for i, ch in enumerate(tail) if ch in "\"' ,:;\n)]}"), len(tail))]
+    else:
+        for item in ("state", "data", "config", "checksums"):
+            if f"'{item}'" in text or f"/{item}" in text:
+                where = item
+                break
+    key = re.search(r'reading "([^"]+)"', text)
+    if key:
+        where = f"{where.rstrip('/')} (array {key.group(1)})"
+    innermost = next((x for x in reversed(chain) if str(x).strip()), error)
+    what = f"{type(innermost).__name__}: {str(innermost).strip().splitlines()[0]}" if str(innermost).strip() \
+        else type(innermost).__name__
+    return where, what[:240]
+
+
+def _all_processes(flag: bool) -> bool:
+    """True on every process iff `flag` is true on all of them."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
-    """A thin wrapper over `ocp.CheckpointManager` with our three items. The caller decides when to save."""
+    """A thin wrapper over `ocp.CheckpointManager` with our items. The caller decides when to save."""
+
+    ITEMS = ("state", "data", "config", "checksums")
 
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
@@ -64,30 +128,107 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, step: int, state: Any, data_state: Any, config_dict: dict) -> None:
-        """Start saving `step` (returns once device arrays are copied; the write finishes in the background)."""
+        """Start saving `step` (returns once device arrays are copied; the write finishes in the background).
+        The checksums are computed first, on the devices, from the same state."""
+        data_json = _to_json(data_state)
+        sums = {"state": checksums.tree_checksums(state), "data": checksums.json_checksum(data_json),
+                "config": checksums.json_checksum(config_dict)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(_to_json(data_state)),
+                data=ocp.args.JsonSave(data_json),
                 config=ocp.args.JsonSave(config_dict),
+                checksums=ocp.args.JsonSave(sums),
             ),
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
-        """-> (state, data_state, config_dict). `abstract_state` leaves are `jax.ShapeDtypeStruct`s carrying the
-        target shardings (e.g. from `jax.eval_shape` + the current mesh's shardings)."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"], _from_json(restored["data"]), restored["config"]
+    def restore(self, step: int, abstract_state: Any, check_config: Callable[[int, dict], Any] | None = None
+                ) -> tuple[Any, Any, dict]:
+        """-> (state, data_state, config_dict), verified against the step's checksums. `abstract_state` leaves
+        are `jax.ShapeDtypeStruct`s carrying the target shardings (e.g. from `jax.eval_shape` + the current mesh's
+        shardings). `check_config(step, saved_config)` runs before the state is read (it may refuse a resume by
+        raising CheckpointError). Raises CheckpointCorrupt naming what failed."""
+        step_dir = self.step_dir(step)
+        verified = os.path.isdir(os.path.join(step_dir, "checksums"))  # absent in checkpoints before checksums
+        meta_items = ("data", "config", "checksums") if verified else ("data", "config")
+        meta = self._read(step, {name: ocp.args.JsonRestore() for name in meta_items})
+        saved = meta.get("checksums", {})
+        for item in ("data", "config"):
+            if verified and checksums.json_checksum(meta[item]) != saved.get(item):
+                raise CheckpointCorrupt(step, f"{item}/metadata", "checksum mismatch")
+        if check_config is not None:
+            check_config(step, meta["config"])
+        state = self._read(step, {"state": ocp.args.StandardRestore(abstract_state)})["state"]
+        if verified:
+            bad = checksums.mismatches(saved.get("state", {}), checksums.tree_checksums(state))
+            if bad:
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise CheckpointCorrupt(step, f"state/{bad[0]}{more}", "checksum mismatch")
+        return state, _from_json(meta["data"]), meta["config"]
+
+    def _read(self, step: int, items: dict) -> dict:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; say which file
+            raise CheckpointCorrupt(step, *_one_line(e, self.step_dir(step))) from e
+
+    def restore_latest(self, abstract_state: Any, report: Callable[[str], None] = print,
+                       check_config: Callable[[int, dict], str | None] | None = None
+                       ) -> tuple[int, Any, Any, dict] | None:
+        """The newest step that reads and verifies -> (step, state, data_state, config_dict); None when there is
+        no checkpoint. Each bad step is reported in one line and moved aside; when every step is bad, raises
+        CheckpointError (the bad steps are then all in `<dir>/corrupt`, so a rerun starts from scratch).
+        `check_config(step, saved_config)` may refuse a step (raising) or return a message, reported only for the
+        step that is restored."""
+        notes: dict[int, str | None] = {}
+
+        def check(step: int, saved: dict) -> None:
+            notes[step] = check_config(step, saved) if check_config is not None else None
+
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            return None
+        if not os.path.isdir(os.path.join(self.step_dir(steps[0]), "checksums")):
+            report(f"longtrain: checkpoint step {steps[0]} has no checksums (written before longtrain verified "
+                   "checkpoints): restored unverified")
+        moved = []
+        for i, step in enumerate(steps):
+            error = None
+            try:
+                restored = self.restore(step, abstract_state, check)
+            except CheckpointCorrupt as e:
+                error = e
+            if _all_processes(error is None):
+                if notes.get(step):
+                    report(notes[step])
+                return (step, *restored)
+            older = steps[i + 1] if i + 1 < len(steps) else None
+            moved.append(self.move_aside(step))
+            report(f"longtrain: {error or f'checkpoint step {step} failed verification on another process'}; "
+                   f"moved to {moved[-1]}; "
+                   + (f"falling back to step {older}" if older is not None else "no older checkpoint left"))
+        raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({len(moved)} moved to "
+                              f"{os.path.dirname(moved[-1])}); run again to start from scratch")
+
+    def move_aside(self, step: int) -> str:
+        """Move step's folder to `<dir>/corrupt/<step>` (`.1`, `.2`, ... if taken) on process 0; all wait."""
+        dest = os.path.join(self.directory, "corrupt", str(step))
+        n = 0
+        while os.path.exists(dest if not n else f"{dest}.{n}"):
+            n += 1
+        dest = dest if not n else f"{dest}.{n}"
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(self.step_dir(step), dest)
+        _barrier(f"longtrain_move_aside_{step}")
+        self.manager.reload()
+        return dest
 
     def wait(self) -> None:
         """Block until the last async save is committed."""
@@ -96,4 +237,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-

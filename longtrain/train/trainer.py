@@ -11,14 +11,17 @@ a row (the message names the step).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from longtrain.config import Config, to_dict
+from longtrain.config import Config, ConfigError, to_dict
+from longtrain.config.resume import resume_changes
 from longtrain.train import setup
 from longtrain.train.balanced_step import BalancedStep
 from longtrain.train.checkpoint import Checkpointer
@@ -81,6 +84,17 @@ def _document_lengths(host_batch: dict) -> np.ndarray:
     return document_lengths(host_batch["segment_ids"])
 
 
+def check_resume(config: Config, saved: dict, step: int) -> str | None:
+    """Refuse to resume checkpoint `step` (config `saved`) under a changed model or data stream, naming the keys;
+    -> the message that says which other settings changed (None if none did)."""
+    current = json.loads(json.dumps(to_dict(config)))  # the form the checkpoint stored (lists, not tuples)
+    refused, allowed = resume_changes(saved, current, defaults=json.loads(json.dumps(to_dict(Config()))))
+    if refused:
+        raise ConfigError(f"cannot resume from checkpoint step {step} in {checkpoint_dir(config)}: changed since "
+                          f"it was written: {'; '.join(refused)} (keep them, or train into a new train.output_dir)")
+    return f"longtrain: resuming from step {step} with changed settings: {'; '.join(allowed)}" if allowed else None
+
+
 def evaluate(config: Config, session: "setup.Session", params: Any, eval_fn) -> dict:
     """Loss / perplexity on held-out batches; for the synthetic task also retrieval accuracy (documents whose
     answer tokens are all predicted right) and answer-token accuracy."""
@@ -117,6 +131,10 @@ def train(config: Config) -> TrainResult:
     check_init_from(config.train.init_from)
     session = setup.build_session(config)  # mesh, runtime, data: fails on bad config/missing data before compiling
     main = jax.process_index() == 0
+
+    def note(message: str) -> None:  # start-up messages (the progress display does not exist yet)
+        if main:
+            print(message, file=sys.stderr, flush=True)
     config_dict = to_dict(config)
     total_steps = config.train.steps
     program = build_program(config, session)
@@ -124,9 +142,13 @@ def train(config: Config) -> TrainResult:
 
     ckpt = Checkpointer(checkpoint_dir(config), keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save) if config.checkpoint.enabled else None
-    latest = ckpt.latest_step() if (ckpt is not None and config.checkpoint.resume) else None
-    if latest is not None:
-        state, data_state, _ = ckpt.restore(latest, abstract_state)
+    restored = None
+    if ckpt is not None and config.checkpoint.resume:
+        restored = ckpt.restore_latest(abstract_state, report=note,
+                                       check_config=lambda step, saved: check_resume(config, saved, step))
+    latest = restored[0] if restored is not None else None
+    if restored is not None:
+        _, state, data_state, _ = restored
         session.dataset.set_state(data_state)
     elif config.train.init_from is not None:
         params = load_params(config.train.init_from, config.model, abstract_state["params"])

@@ -180,6 +180,9 @@ def test_kill9_then_restart_resumes_bitwise(repo_root, env, reference, tmp_path)
     for s in range(1, STEPS + 1):
         assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
         assert got[s]["grad_norm"] == ref[s]["grad_norm"], s
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train_steps = [row["step"] for row in rows if row["kind"] == "train"]
+    assert train_steps == list(range(1, STEPS + 1))  # the replayed steps replace the killed run's rows
 
 
 HANG_IN_SAVE = """

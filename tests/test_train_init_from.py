@@ -55,3 +55,29 @@ def test_init_from_missing_or_unknown_folder(tmp_path):
         check_init_from(str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="neither params/"):
         check_init_from(str(tmp_path))
+
+
+def test_fine_tune_inherits_special_token_ids_so_its_export_carries_them(tmp_path):
+    """A fine-tune's config often leaves the token ids unset: they come from the init_from model (else the HF
+    export would say bos/eos null and generation would not know when to stop)."""
+    import json
+
+    from longtrain.hf import export_hf
+    from longtrain.train.init_from import inherit_token_ids
+
+    rng = np.random.default_rng(3)
+    shapes = jax.eval_shape(lambda k: models.init(MODEL, k), jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: np.asarray(rng.normal(size=a.shape), a.dtype), shapes)
+    base = dataclasses.replace(MODEL, bos_token_id=1, eos_token_id=[2, 3], pad_token_id=0)
+    export_hf(base, params, str(tmp_path / "base"))
+    config = Config(model=dataclasses.replace(MODEL, eos_token_id=[5]))
+    config.train.init_from = str(tmp_path / "base")
+    assert inherit_token_ids(config) == ["model.bos_token_id=1", "model.pad_token_id=0"]
+    assert (config.model.bos_token_id, config.model.eos_token_id, config.model.pad_token_id) == (1, [5], 0)
+    export_hf(config.model, params, str(tmp_path / "tuned"))
+    hf = json.load(open(tmp_path / "tuned" / "config.json"))
+    generation = json.load(open(tmp_path / "tuned" / "generation_config.json"))
+    assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == (1, 5, 0)
+    assert generation["bos_token_id"] == 1 and generation["eos_token_id"] == 5
+    config.train.init_from = None
+    assert inherit_token_ids(config) == []

@@ -1,6 +1,8 @@
 """Unit tests of the trainer pieces that need no model: schedule, weight-decay mask, the train step's
 accumulation / global normalisation / NaN skip (on a tiny softmax-regression model), FLOPs counting, peak table,
 HLO collective bytes."""
+import glob
+import json
 import math
 
 import jax
@@ -162,6 +164,108 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert metrics.resolve_wandb_mode("auto") == "disabled"
     assert metrics.resolve_wandb_mode("offline") == "offline"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free once the socket closes: nothing listens there
+
+
+def test_wandb_with_a_key_and_no_network_logs_offline_at_once(monkeypatch, tmp_path):
+    """The issue's case: an API key and no network. wandb itself would block ~90 s and raise."""
+    import time
+
+    from longtrain.config import Config
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = Config()
+    config.train.output_dir = str(tmp_path)
+    warnings = []
+    t0 = time.perf_counter()
+    sink = metrics.WandbSink(config, {"a": 1}, warn=warnings.append)
+    try:
+        assert sink.mode == "offline" and sink.run is not None
+        sink.log({"loss": 1.5}, step=1)
+    finally:
+        sink.close()
+    assert time.perf_counter() - t0 < 30
+    assert len(warnings) == 1 and "unreachable" in warnings[0] and "logging offline" in warnings[0]
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+
+
+def test_wandb_online_init_failure_falls_back_to_offline(monkeypatch, tmp_path):
+    """The server answers but login or init fails (bad key, server error): offline with one warning."""
+    import wandb
+
+    from longtrain.config import Config
+
+    real_init = wandb.init
+
+    def init(*args, mode=None, **kwargs):
+        if mode == "online":
+            raise wandb.errors.CommError("invalid API key\nmore detail")
+        return real_init(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(metrics, "wandb_unreachable", lambda url, timeout_s=3.0: None)
+    config = Config()
+    config.train.output_dir = str(tmp_path)
+    config.logging.wandb_mode = "online"
+    warnings = []
+    sink = metrics.WandbSink(config, {}, warn=warnings.append)
+    sink.close()
+    assert sink.mode == "offline"
+    assert warnings == [f"longtrain: wandb: online init failed (CommError: invalid API key); logging offline to "
+                        f"{tmp_path / 'wandb'} (upload later with `wandb sync`)"]
+
+
+TWO_CTRL_C = """
+import os, signal, sys, time
+from longtrain.train.signals import StopRequest
+with StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    assert stop.requested == "SIGINT", stop.requested
+    print("first Ctrl-C: stop requested", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)  # the second kills at once, whatever the main thread is doing
+    time.sleep(30)
+print("still alive", flush=True)
+"""
+
+
+def test_second_ctrl_c_kills_at_once():
+    import signal
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", TWO_CTRL_C], capture_output=True, text=True, timeout=20)
+    assert r.returncode == -signal.SIGINT, (r.returncode, r.stdout, r.stderr)
+    assert "first Ctrl-C: stop requested" in r.stdout and "still alive" not in r.stdout
+    assert "Ctrl-C again kills at once" in r.stderr
+
+
+def test_metrics_file_drops_rows_after_the_resumed_step(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    first = metrics.MetricsFile(path)
+    for s in range(1, 8):
+        first.write({"kind": "train", "step": s, "loss": float(s)})
+    first.write({"kind": "eval", "step": 5, "eval_loss": 1.0})
+    first.close()
+    with open(path, "a") as f:
+        f.write('{"kind": "train", "st')  # a line cut short by kill -9
+    resumed = metrics.MetricsFile(path, keep_through_step=5)
+    for s in (6, 7):
+        resumed.write({"kind": "train", "step": s, "loss": 10.0 * s})
+    resumed.close()
+    rows = [json.loads(line) for line in open(path)]
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", s) for s in range(1, 6)] + [
+        ("eval", 5), ("train", 6), ("train", 7)]
+    assert metrics.read_metrics(path)[7]["loss"] == 70.0
 
 
 def test_progress_is_plain_lines_off_a_tty(capsys):

@@ -16,6 +16,7 @@ import grain
 from longtrain.data import sources, synthetic
 from longtrain.data.packing import Document
 from longtrain.data.tokenizers import make_tokenizer
+from longtrain.errors import DataError
 
 log = logging.getLogger(__name__)
 _EVAL_SEED_OFFSET = 1_000_003
@@ -154,10 +155,10 @@ class BadDataLog:
 
     def record(self, bad: BadDoc) -> None:
         if self.strict:
-            raise ValueError(f"bad record {bad.origin}: {bad.error} (data.strict=true; false skips and counts)")
+            raise DataError(f"bad record {bad.origin}: {bad.error} (data.strict=true; false skips and counts)")
         self.run += 1
         if self.run >= self.max_run:
-            raise ValueError(f"{self.run} bad records in a row (last {bad.origin}: {bad.error}; first "
+            raise DataError(f"{self.run} bad records in a row (last {bad.origin}: {bad.error}; first "
                              f"{self.first_bad}): the data has nothing usable")
         self.skipped += 1
         reason = bad.error.split(" (")[0]

@@ -20,6 +20,8 @@ import threading
 
 import numpy as np
 
+from longtrain.errors import DataError
+
 KINDS = ("jsonl", "text", "parquet", "arrayrecord")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text", ".parquet": "parquet",
                ".array_record": "arrayrecord", ".arrayrecord": "arrayrecord"}
@@ -35,7 +37,7 @@ class RawDoc:
 def expand_paths(patterns: list[str], key: str = "data.paths") -> list[str]:
     """Files named by `patterns` (paths or glob patterns), in order, sorted within a pattern; each must be readable."""
     if not patterns:
-        raise ValueError(f"{key} is empty: give files or glob patterns")
+        raise DataError(f"{key} is empty: give files or glob patterns")
     files: list[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -52,14 +54,14 @@ def expand_paths(patterns: list[str], key: str = "data.paths") -> list[str]:
             with open(path, "rb") as f:
                 f.read(1)
         except OSError as e:
-            raise OSError(f"{key}: cannot read {path!r}: {e}") from e
+            raise DataError(f"{key}: cannot read {path!r}: {e}") from e
     return files
 
 
 def kind_of(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
-        raise ValueError(f"cannot tell the format of {path!r} from its extension; use one of {sorted(_EXTENSIONS)}")
+        raise DataError(f"cannot tell the format of {path!r} from its extension; use one of {sorted(_EXTENSIONS)}")
     return _EXTENSIONS[ext]
 
 
@@ -142,15 +144,15 @@ class ParquetSource:
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
-            raise ImportError("Parquet sources need pyarrow: pip install pyarrow") from e
+            raise DataError("Parquet sources need pyarrow: pip install pyarrow") from e
         self.path, self.text_field = path, text_field
         try:
             self._file = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises ArrowInvalid for a file that is not Parquet
-            raise ValueError(f"data.paths: {path!r} is not a readable Parquet file: {e}") from e
+            raise DataError(f"data.paths: {path!r} is not a readable Parquet file: {e}") from e
         names = self._file.schema_arrow.names
         if text_field not in names:
-            raise ValueError(f"data.text_field={text_field!r} is not a column of {path!r} (columns: {names})")
+            raise DataError(f"data.text_field={text_field!r} is not a column of {path!r} (columns: {names})")
         meta = self._file.metadata
         self._group_starts = list(np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]))
         self._lock = threading.Lock()
@@ -183,7 +185,7 @@ class ArrayRecordSource:
             self._source = grain.sources.ArrayRecordDataSource([path])
             self._len = len(self._source)
         except Exception as e:  # array_record raises a bare RuntimeError/ValueError on a corrupt file
-            raise ValueError(f"data.paths: {path!r} is not a readable ArrayRecord file: {e}") from e
+            raise DataError(f"data.paths: {path!r} is not a readable ArrayRecord file: {e}") from e
 
     def __len__(self) -> int:
         return self._len
@@ -224,5 +226,5 @@ def open_files(files: list[str], kind: str | None, text_field: str):
             raise ValueError(f"data.source={k!r} is not one of {KINDS}")
     source = sources[0] if len(sources) == 1 else ConcatSource(sources)
     if len(source) == 0:
-        raise ValueError(f"data.paths: {files} hold no records")
+        raise DataError(f"data.paths: {files} hold no records")
     return source

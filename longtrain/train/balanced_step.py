@@ -35,6 +35,14 @@ def check_balance_config(config: Config) -> None:
     if config.mesh.fsdp != 1 or config.mesh.tensor != 1:
         raise ConfigError(f"data.balance.enabled=true needs replicated parameters: mesh.fsdp=1 and mesh.tensor=1 "
                           f"(got mesh.fsdp={config.mesh.fsdp}, mesh.tensor={config.mesh.tensor})")
+    if config.model.architecture == "minimax":
+        from longtrain.models.minimax import resolved_layer_types
+
+        if "linear_attention" in resolved_layer_types(config.model):
+            raise ConfigError("data.balance.enabled=true does not support lightning (linear_attention) layers yet: "
+                              "their state cannot pass between the ranks of a split document; use "
+                              "data.balance.enabled=false for model.architecture='minimax' with linear_attention "
+                              "layers in model.layer_types")
     if config.optim.mode != "full":
         raise ConfigError(f"data.balance.enabled=true supports optim.mode=full only; got "
                           f"optim.mode={config.optim.mode!r}")

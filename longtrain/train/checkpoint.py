@@ -65,23 +65,19 @@ class CheckpointCorrupt(CheckpointError):
         super().__init__(f"checkpoint step {step} is corrupt: {where}: {what}")
 
 
-def _one_line(error: BaseException, step_dir: str) -> tuple[str, str]:
-    """(where, what) from a read error: the file of the step it names, and the innermost cause's first line."""
+def _one_line(error: BaseException, step_dir: str, item: str) -> tuple[str, str]:
+    """(where, what) from a read error of `item`: the file of the step it names (else the item), with the array
+    when tensorstore names one, and the innermost cause's first line."""
     chain, e = [], error
     while e is not None and len(chain) < 10:
         chain.append(e)
         e = e.__cause__ or e.__context__
     text = " ".join(str(x) for x in chain)
-    where = "?"
+    where = item
     at = text.find(step_dir + os.sep)
     if at >= 0:
         tail = text[at + len(step_dir) + 1:]
         where = tail[:next((i for i, ch in enumerate(tail) if ch in "\"' ,:;\n)]}"), len(tail))]
-    else:
-        for item in ("state", "data", "config", "checksums"):
-            if f"'{item}'" in text or f"/{item}" in text:
-                where = item
-                break
     key = re.search(r'reading "([^"]+)"', text)
     if key:
         where = f"{where.rstrip('/')} (array {key.group(1)})"
@@ -157,14 +153,14 @@ class Checkpointer:
         step_dir = self.step_dir(step)
         verified = os.path.isdir(os.path.join(step_dir, "checksums"))  # absent in checkpoints before checksums
         meta_items = ("data", "config", "checksums") if verified else ("data", "config")
-        meta = self._read(step, {name: ocp.args.JsonRestore() for name in meta_items})
+        meta = {name: self._read(step, name, ocp.args.JsonRestore()) for name in meta_items}
         saved = meta.get("checksums", {})
         for item in ("data", "config"):
             if verified and checksums.json_checksum(meta[item]) != saved.get(item):
                 raise CheckpointCorrupt(step, f"{item}/metadata", "checksum mismatch")
         if check_config is not None:
             check_config(step, meta["config"])
-        state = self._read(step, {"state": ocp.args.StandardRestore(abstract_state)})["state"]
+        state = self._read(step, "state", ocp.args.StandardRestore(abstract_state))
         if verified:
             bad = checksums.mismatches(saved.get("state", {}), checksums.tree_checksums(state))
             if bad:
@@ -172,11 +168,12 @@ class Checkpointer:
                 raise CheckpointCorrupt(step, f"state/{bad[0]}{more}", "checksum mismatch")
         return state, _from_json(meta["data"]), meta["config"]
 
-    def _read(self, step: int, items: dict) -> dict:
+    def _read(self, step: int, item: str, args) -> Any:
+        """One item of a step, or CheckpointCorrupt naming the file (or at least the item) that failed."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))
+            return self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
         except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; say which file
-            raise CheckpointCorrupt(step, *_one_line(e, self.step_dir(step))) from e
+            raise CheckpointCorrupt(step, *_one_line(e, self.step_dir(step), item)) from e
 
     def restore_latest(self, abstract_state: Any, report: Callable[[str], None] = print,
                        check_config: Callable[[int, dict], str | None] | None = None

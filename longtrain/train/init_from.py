@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from longtrain.config import ConfigError, ModelConfig
+from longtrain.config import Config, ConfigError, ModelConfig
 
 # Fields that change parameter shapes or meaning; compute-only knobs (dtype, impls, remat, scan) may differ.
 _STRUCTURAL = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -39,16 +39,41 @@ def check_init_from(path: str | None) -> None:
                           "config.json (a Hugging Face folder)")
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def source_model(path: str) -> ModelConfig:
+    """The model config of an init_from folder (its config.yaml, or the HF config.json), without its weights."""
+    if os.path.isdir(os.path.join(path, "params")):
+        from longtrain.config import load_config
+
+        return load_config(os.path.join(path, "config.yaml")).model
+    from longtrain.hf.convert import config_from_hf_dir
+
+    return config_from_hf_dir(path)[1]
+
+
+def inherit_token_ids(config: Config) -> list[str]:
+    """Fill the model's special token ids that the config leaves unset from the `train.init_from` model, so a
+    fine-tune's HF export carries them (generation needs eos). -> "model.x=value" for each one filled."""
+    if config.train.init_from is None:
+        return []
+    found = source_model(config.train.init_from)
+    filled = []
+    for name in TOKEN_ID_FIELDS:
+        if getattr(config.model, name) is None and getattr(found, name) is not None:
+            setattr(config.model, name, getattr(found, name))
+            filled.append(f"model.{name}={getattr(found, name)}")
+    return filled
+
+
 def load_params(path: str, model: ModelConfig, abstract_params: Any) -> Any:
     """Parameters from `path`, sharded like `abstract_params` (ShapeDtypeStructs with shardings)."""
     check_init_from(path)
     if os.path.isdir(os.path.join(path, "params")):
         import orbax.checkpoint as ocp
 
-        from longtrain.config import load_config
-
-        found = load_config(os.path.join(path, "config.yaml")).model
-        check_same_model(model, found, path)
+        check_same_model(model, source_model(path), path)
         return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), abstract_params)
     from longtrain.hf import import_hf
 

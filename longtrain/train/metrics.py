@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -94,13 +97,28 @@ def train_flops_of_lengths(model: ModelConfig, lengths) -> float:
     return dense + softmax + linear
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line cut short by a kill."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except ValueError:
+        return None
+
+
 class MetricsFile:
     """Appends one JSON object per line; lines are flushed so a killed run keeps everything logged so far.
-    After a resume, steps after the checkpoint appear again: readers keep the last record of each step."""
+    `keep_through_step`: a run that (re)starts at this step first drops the file's records of later steps (a
+    killed run logged them, the resumed run replays them), so every step appears once."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, keep_through_step: int | None = None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
+        if keep_through_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= keep_through_step]
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -139,17 +157,33 @@ def resolve_wandb_mode(mode: str) -> str:
     return "offline"
 
 
+def wandb_unreachable(base_url: str, timeout_s: float = 3.0) -> str | None:
+    """None when the wandb server at `base_url` accepts a TCP connection within `timeout_s`, else the reason.
+    wandb's own init waits up to 90 s and then raises; this answers in seconds."""
+    parsed = urllib.parse.urlparse(base_url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} is unreachable ({e.strerror or e.__class__.__name__})"
+
+
 class WandbSink:
     """wandb run in online/offline mode; a no-op when disabled. The run id is kept in the output folder so a
-    resumed training continues the same run."""
+    resumed training continues the same run. Training never depends on wandb: when online mode cannot reach the
+    server or cannot log in, the run logs offline (one warning; `wandb sync` uploads it later)."""
 
-    def __init__(self, config: Config, config_dict: dict):
+    INIT_TIMEOUT_S = 30.0
+
+    def __init__(self, config: Config, config_dict: dict, warn=None):
         self.mode = resolve_wandb_mode(config.logging.wandb_mode)
         self.run = None
         if self.mode == "disabled":
             return
         import wandb
 
+        warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
         out = config.train.output_dir
         os.makedirs(out, exist_ok=True)
         id_file = os.path.join(out, "wandb_run_id")
@@ -160,11 +194,28 @@ class WandbSink:
             run_id = uuid.uuid4().hex[:8]
             with open(id_file, "w", encoding="utf-8") as f:
                 f.write(run_id)
-        self.run = wandb.init(
-            project=config.logging.wandb_project, name=config.logging.wandb_run_name, id=run_id,
-            resume="allow", dir=out, mode=self.mode, config=config_dict,
-            settings=wandb.Settings(console="off", quiet=True, silent=True, x_disable_stats=True, x_disable_meta=True),
-        )
+        settings = dict(console="off", quiet=True, silent=True, x_disable_stats=True, x_disable_meta=True,
+                        init_timeout=self.INIT_TIMEOUT_S)
+
+        def init(mode):
+            return wandb.init(project=config.logging.wandb_project, name=config.logging.wandb_run_name, id=run_id,
+                              resume="allow", dir=out, mode=mode, config=config_dict,
+                              settings=wandb.Settings(**settings))
+
+        offline_note = f"logging offline to {os.path.join(out, 'wandb')} (upload later with `wandb sync`)"
+        why = wandb_unreachable(wandb.Settings().base_url) if self.mode == "online" else None
+        if why is not None:
+            warn(f"longtrain: wandb: {why}; {offline_note}")
+            self.mode = "offline"
+        try:
+            self.run = init(self.mode)
+        except Exception as e:  # noqa: BLE001 - a login or server failure must not stop training
+            if self.mode != "online":
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warn(f"longtrain: wandb: online init failed ({type(e).__name__}: {first[:200]}); {offline_note}")
+            self.mode = "offline"
+            self.run = init("offline")
 
     def log(self, record: dict[str, Any], step: int) -> None:
         if self.run is not None:

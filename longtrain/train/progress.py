@@ -17,6 +17,8 @@ def _fmt(record: dict[str, Any]) -> str:
         if value is None:
             continue
         parts.append(f"{key}={fmt.format(value) if isinstance(value, (int, float)) else value}")
+    if record.get("bad_records"):
+        parts.append(f"bad_records={record['bad_records']}")
     if record.get("skipped"):
         parts.append(f"SKIPPED non-finite (total {record.get('nonfinite_total')})")
     return " ".join(parts)

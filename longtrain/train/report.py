@@ -51,7 +51,7 @@ def plot_curves(metrics_path: str, png_path: str) -> str | None:
 
 def summary_lines(*, steps: int, wall_s: float, last_train: dict | None, last_eval: dict | None,
                   tokens_per_s: float | None, checkpoint_dir: str | None, export_dir: str | None,
-                  metrics_path: str | None, plot_path: str | None) -> list[str]:
+                  metrics_path: str | None, plot_path: str | None, bad_records: dict | None = None) -> list[str]:
     """The end-of-run summary: how far it got, the last losses and accuracy, throughput, and where things are."""
     lines = [f"summary: {steps} steps, {wall_s:.0f} s"]
     numbers = []
@@ -65,6 +65,10 @@ def summary_lines(*, steps: int, wall_s: float, last_train: dict | None, last_ev
         numbers.append(f"{tokens_per_s:,.0f} tokens/s")
     if numbers:
         lines.append("  " + ", ".join(numbers))
+    if bad_records:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(bad_records["bad_records_by_reason"].items()))
+        lines.append(f"  bad records skipped: {bad_records['bad_records']} ({reasons}); first: "
+                     f"{bad_records['first_bad_record']}")
     for name, where in (("checkpoints", checkpoint_dir), ("HF export", export_dir), ("metrics", metrics_path),
                         ("curves", plot_path)):
         if where:

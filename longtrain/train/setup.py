@@ -144,6 +144,16 @@ def check_tokenizer(config: Config) -> None:
                               f"model.vocab_size={vocab}")
 
 
+def _probe(make_dataset) -> None:
+    """Build a throwaway iterator and read one batch from it (raises DataError / ConfigError like training would)."""
+    dataset = make_dataset()
+    try:
+        next(dataset)
+    finally:
+        if hasattr(dataset, "close"):
+            dataset.close()
+
+
 def attach_data(session: Session) -> None:
     """Build the training and eval iterators and the synthetic scorer (missing files fail here).
 
@@ -162,5 +172,9 @@ def attach_data(session: Session) -> None:
         raise ConfigError(str(e)) from None
     if config.train.eval_every:
         session.eval_dataset_factory = lambda: data.make_eval_dataset(config, process_index=0, process_count=1)
+    if config.data.source != "synthetic":  # read a first batch now, not after compiling: no usable record,
+        _probe(lambda: data.make_dataset(config, process_index=share[0], process_count=share[1]))  # strict, ...
+        if config.train.eval_every and config.data.eval_paths:
+            _probe(session.eval_dataset_factory)
     if config.data.source == "synthetic":
         session.score_fn = data.score_answers

@@ -1,8 +1,9 @@
 """SIGTERM/SIGINT: ask the loop to stop after the current step, save a checkpoint and exit 0.
 
 The handler only sets a flag; the loop polls `StopRequest.requested` between steps, so no step is interrupted
-half-way and the checkpoint is always of a finished step. A second SIGINT restores Python's default (Ctrl-C twice
-kills immediately).
+half-way and the checkpoint is always of a finished step. After the first SIGINT, SIGINT gets the operating
+system's default action, so Ctrl-C twice kills at once, even while the main thread waits inside XLA (a Python
+handler would only run when that call returns).
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.requested is not None and signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C terminates the process
+        if self.requested is not None:
+            return
         self.requested = name
-        print(f"longtrain: received {name}; finishing this step, saving a checkpoint, then exiting",
+        again = " (Ctrl-C again kills at once)" if signum == signal.SIGINT else ""
+        print(f"longtrain: received {name}; finishing this step, saving a checkpoint, then exiting{again}",
               file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopRequest":

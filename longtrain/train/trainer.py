@@ -22,10 +22,11 @@ import numpy as np
 
 from longtrain.config import Config, ConfigError, to_dict
 from longtrain.config.resume import resume_changes
+from longtrain.errors import DataError
 from longtrain.train import setup
 from longtrain.train.balanced_step import BalancedStep
 from longtrain.train.checkpoint import Checkpointer
-from longtrain.train.init_from import check_init_from, load_params
+from longtrain.train.init_from import check_init_from, inherit_token_ids, load_params
 from longtrain.train.metrics import (MetricsFile, WandbSink, document_lengths, peak_flops_per_device,
                                      train_flops_of_lengths)
 from longtrain.train.model_loss import make_eval_step
@@ -84,6 +85,15 @@ def _document_lengths(host_batch: dict) -> np.ndarray:
     return document_lengths(host_batch["segment_ids"])
 
 
+def _bad_record_counts(dataset) -> dict:
+    """{"bad_records": n, "bad_records_by_reason": {...}} when the data had bad records so far, else {}."""
+    stats = dataset.stats() if hasattr(dataset, "stats") else {}
+    if not stats.get("skipped"):
+        return {}
+    return {"bad_records": stats["skipped"], "bad_records_by_reason": dict(stats["by_reason"]),
+            "first_bad_record": stats["first_bad"]}
+
+
 def check_resume(config: Config, saved: dict, step: int) -> str | None:
     """Refuse to resume checkpoint `step` (config `saved`) under a changed model or data stream, naming the keys;
     -> the message that says which other settings changed (None if none did)."""
@@ -129,12 +139,16 @@ def train(config: Config) -> TrainResult:
     """Run `config` to `train.steps` (resuming from the latest checkpoint). Returns the exit code to use."""
     t_start = time.perf_counter()
     check_init_from(config.train.init_from)
+    inherited = inherit_token_ids(config)  # before config_dict: checkpoints and the HF export carry them
     session = setup.build_session(config)  # mesh, runtime, data: fails on bad config/missing data before compiling
     main = jax.process_index() == 0
 
     def note(message: str) -> None:  # start-up messages (the progress display does not exist yet)
         if main:
             print(message, file=sys.stderr, flush=True)
+
+    if inherited:
+        note(f"longtrain: special token ids from train.init_from: {', '.join(inherited)}")
     config_dict = to_dict(config)
     total_steps = config.train.steps
     program = build_program(config, session)
@@ -168,7 +182,7 @@ def train(config: Config) -> TrainResult:
                                                                               session.batch_sharding))
 
     metrics_path = config.logging.metrics_file or os.path.join(config.train.output_dir, "metrics.jsonl")
-    metrics_file = MetricsFile(metrics_path) if main else None
+    metrics_file = MetricsFile(metrics_path, keep_through_step=start_step) if main else None
     plot_path = os.path.join(os.path.dirname(os.path.abspath(metrics_path)), PLOT_NAME)
     wandb = WandbSink(config, config_dict) if main else None
     progress = make_progress(config.logging.progress, total_steps, start_step, main)
@@ -204,7 +218,15 @@ def train(config: Config) -> TrainResult:
                 if profile and step == profile[0]:  # trace 0-based steps profile[0]..profile[-1]
                     jax.profiler.start_trace(os.path.join(config.train.output_dir, "profile"))
                     tracing = True
-                host_batch = next(session.dataset)
+                try:
+                    host_batch = next(session.dataset)
+                except DataError as e:  # e.g. a bad record under data.strict: keep the progress, then stop
+                    if step > start_step and step % config.checkpoint.every and ckpt is not None:
+                        save(step)
+                        ckpt.wait()
+                    kept = f"; training state saved at step {step}" if ckpt is not None and step else ""
+                    raise DataError(f"{e}{kept} (fix the data, or set data.strict=false to skip bad records, "
+                                    "and run again to resume)") from e
                 if step in inject_nan:  # fault injection: a NaN batch, so the skip path runs on the real program
                     host_batch = _nan_batch(host_batch)
                 t0 = time.perf_counter()
@@ -229,6 +251,7 @@ def train(config: Config) -> TrainResult:
                 if not record["skipped"]:
                     last_train = record
                 if step % config.logging.every == 0 or record["skipped"] or step == total_steps:
+                    record.update(_bad_record_counts(session.dataset))
                     log(record)
                     progress.update(record)
                 if record["nonfinite_run"] >= config.train.max_nonfinite_steps:
@@ -259,6 +282,7 @@ def train(config: Config) -> TrainResult:
     finally:
         if tracing:
             jax.profiler.stop_trace()
+        final_bad = _bad_record_counts(session.dataset)
         if hasattr(session.dataset, "close"):
             session.dataset.close()  # the prefetch thread
         progress.close()
@@ -279,6 +303,6 @@ def train(config: Config) -> TrainResult:
             steps=step, wall_s=time.perf_counter() - t_start, last_train=last_train, last_eval=last_eval,
             tokens_per_s=(timed_tokens / timed_s) if timed_s > 0 else None,
             checkpoint_dir=checkpoint_dir(config) if ckpt is not None else None, export_dir=export_dir,
-            metrics_path=metrics_path, plot_path=plot())
+            metrics_path=metrics_path, plot_path=plot(), bad_records=final_bad)
         print("\n".join(lines), flush=True)
     return TrainResult(exit_code=exit_code, final_step=step, stopped_by=stopped_by, export_dir=export_dir)

@@ -110,3 +110,25 @@ def test_overrides_may_follow_flags(repo_root, tmp_path):
     assert yaml.safe_load(out.stdout)["optim"]["learning_rate"] == 0.5
     bad = run_cli("config", path, "--devices", "8", "--bogus", cwd=tmp_path)
     assert bad.returncode == 2 and "--bogus" in bad.stderr
+
+
+CTRL_C_WHILE_COMPILING = """
+import os, signal, sys
+import longtrain.train.trainer as trainer
+
+def train(config):  # stands in for a long compile: Ctrl-C arrives while no StopRequest handler is installed
+    os.kill(os.getpid(), signal.SIGINT)
+    raise AssertionError("not interrupted")
+
+trainer.train = train
+from longtrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_exit_130(repo_root):
+    cmd = [sys.executable, "-c", CTRL_C_WHILE_COMPILING, "train", os.path.join(repo_root, "configs", "tiny_cpu.yaml"),
+           "--devices", "8"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert r.stderr.strip() == "longtrain: interrupted"

@@ -64,7 +64,7 @@ def test_balance_mode_refuses_sharded_parameters():
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BALANCE_RUN = ["train", "configs/tiny_cpu.yaml", "data.balance.enabled=true", "mesh.data=8", "mesh.context=1",
+BALANCE_RUN = ["train", "configs/smoke_cpu.yaml", "data.balance.enabled=true", "mesh.data=8", "mesh.context=1",
                "data.synthetic_lengths=long_tail", "data.seq_len=128", "model.num_layers=1", "train.steps=3",
                "optim.warmup_steps=1", "train.eval_every=0", "train.export_hf=false", "checkpoint.enabled=false",
                "logging.every=1", "logging.wandb_mode=disabled", "logging.progress=plain"]

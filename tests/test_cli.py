@@ -30,7 +30,7 @@ def test_console_script_exists():
 
 
 def test_config_prints_resolved_yaml_that_loads_back(repo_root, tmp_path):
-    path = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
+    path = os.path.join(repo_root, "configs", "smoke_cpu.yaml")
     out = run_cli("config", path, "optim.learning_rate=1e-4", "model.rope_scaling.type=linear",
                   "model.rope_scaling.factor=2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -46,7 +46,7 @@ def test_config_prints_resolved_yaml_that_loads_back(repo_root, tmp_path):
 
 
 def test_config_errors_exit_2_with_message(repo_root, tmp_path):
-    path = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
+    path = os.path.join(repo_root, "configs", "smoke_cpu.yaml")
     cases = [
         (["optim.lr=1"], ["optim.lr", "optim.learning_rate"]),
         (["model.num_layers=two"], ["model.num_layers", "two", "integer"]),
@@ -65,7 +65,7 @@ def test_config_errors_exit_2_with_message(repo_root, tmp_path):
 
 
 def test_config_devices_flag_checks_another_mesh(repo_root, tmp_path):
-    path = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
+    path = os.path.join(repo_root, "configs", "smoke_cpu.yaml")
     out = run_cli("config", path, "mesh.data=8", "mesh.context=8", "data.batch_size=8", "--devices", "64", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
 
@@ -73,7 +73,7 @@ def test_config_devices_flag_checks_another_mesh(repo_root, tmp_path):
 def test_local_launcher_sets_simulated_devices(repo_root, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     script = os.path.join(repo_root, "launch", "local.sh")
-    config = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
+    config = os.path.join(repo_root, "configs", "smoke_cpu.yaml")
     ok = subprocess.run(["bash", script, "--devices", "4", "config", config, "mesh.data=-1"], capture_output=True,
                         text=True, env=env, cwd=tmp_path, timeout=120)
     assert ok.returncode == 0, ok.stderr
@@ -86,7 +86,7 @@ def test_local_launcher_sets_simulated_devices(repo_root, tmp_path):
 def test_config_needs_no_devices_to_print_a_config(repo_root, tmp_path):
     """On a one-device laptop, `longtrain config` checks the config against its own mesh (8 devices here)."""
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
-    path = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
+    path = os.path.join(repo_root, "configs", "smoke_cpu.yaml")
     out = subprocess.run([sys.executable, "-m", "longtrain", "config", path], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -104,7 +104,7 @@ def test_usage_shows_overrides_as_optional(repo_root, tmp_path):
 
 
 def test_overrides_may_follow_flags(repo_root, tmp_path):
-    path = os.path.join(repo_root, "configs", "tiny_cpu.yaml")
+    path = os.path.join(repo_root, "configs", "smoke_cpu.yaml")
     out = run_cli("config", path, "--devices", "8", "optim.learning_rate=0.5", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["optim"]["learning_rate"] == 0.5
@@ -127,7 +127,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_exit_130(repo_root):
-    cmd = [sys.executable, "-c", CTRL_C_WHILE_COMPILING, "train", os.path.join(repo_root, "configs", "tiny_cpu.yaml"),
+    cmd = [sys.executable, "-c", CTRL_C_WHILE_COMPILING, "train", os.path.join(repo_root, "configs", "smoke_cpu.yaml"),
            "--devices", "8"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 130, r.stderr[-2000:]

@@ -181,9 +181,9 @@ def test_eval_batches_are_fixed_and_carry_answer_masks():
     assert not np.array_equal(train["tokens"], x["tokens"])  # eval uses another stream than training
 
 
-def test_answer_weight_scales_the_loss_mask_of_answer_targets_only():
-    """Training batches with synthetic_answer_weight=w: loss_mask is w where the target is an answer token (the
-    eval-style answer_mask of the same rows, read with the digits themselves), 1 elsewhere on targets."""
+def test_answer_weight_scales_the_loss_mask_of_answer_and_copy_targets_only():
+    """Training batches with synthetic_answer_weight=w: loss_mask is w where the target is an answer token or the
+    key's second spelling in the needle (read with the digits themselves), 1 elsewhere on targets."""
     from longtrain.data.tokenizers import ByteTokenizer
 
     plain_cfg = DataConfig(seq_len=256, batch_size=4, synthetic_task="passkey")
@@ -203,8 +203,11 @@ def test_answer_weight_scales_the_loss_mask_of_answer_targets_only():
             doc = text(weighted["tokens"][r, where].tolist())
             q = doc.rfind("The pass key is ") + len("The pass key is ")
             if doc.startswith("There is a pass key") and q + 5 < len(doc):  # a whole document in this row
+                copy = doc.index(" is the pass key. ") - 5
                 want = np.zeros(where.size, bool)
-                want[q - 1:q + 4] = True  # positions whose next token is one of the 5 digits
+                want[q - 1:q + 4] = True  # positions whose next token is one of the 5 digits of the answer
+                want[copy - 1:copy + 4] = True  # ... or of the key's copy in the needle
+                assert doc[copy:copy + 5] == doc[q:q + 5]
                 np.testing.assert_array_equal(upweighted[r, where], want)
     assert upweighted.sum() >= 5
 

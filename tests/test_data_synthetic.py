@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from longtrain.data.documents import Tokenize
-from longtrain.data.synthetic import SyntheticSource, associative_recall, passkey, score_answers, score_retrieval
+from longtrain.data.synthetic import (ANSWER, COPY, SyntheticSource, associative_recall, passkey, score_answers,
+                                      score_retrieval)
 from longtrain.data.tokenizers import ByteTokenizer
 
 
@@ -14,11 +15,13 @@ def test_passkey_hides_the_answer_at_any_length(length):
     rng = np.random.default_rng(length)
     doc = passkey(rng, length, "t")
     text = doc.text
-    answer = "".join(t for t, is_answer in doc.segments if is_answer)
+    answer = "".join(t for t, role in doc.segments if role == ANSWER)
     assert re.fullmatch(r"\d{5}", answer)
     assert text.count(f"The pass key is {answer}. Remember it.") == 1  # the needle holds the answer
     assert abs(len(text) - length) <= 2
     assert text.endswith(f"The pass key is {answer}.")
+    copies = [t for t, role in doc.segments if role == COPY]  # the second spelling in the needle: a copy
+    assert copies == [answer] and text.count(f"Remember it. {answer} is the pass key.") == 1
 
 
 def test_passkey_needle_depth_keeps_the_key_far_from_the_question():
@@ -29,7 +32,7 @@ def test_passkey_needle_depth_keeps_the_key_far_from_the_question():
         for depth, out in (((0.0, 0.5), far), ((0.5, 1.0), near)):
             doc = passkey(np.random.default_rng(i), length, "t", needle_depth=depth)
             text = doc.text
-            key = "".join(t for t, is_answer in doc.segments if is_answer)
+            key = "".join(t for t, role in doc.segments if role == ANSWER)
             out.append(len(text) - text.index(f"The pass key is {key}"))  # needle -> end of document
     filler = length - 200  # head, needle and question take under 200 characters
     assert min(far) >= filler / 2 and max(near) <= filler / 2 + 200
@@ -43,7 +46,7 @@ def test_random_words_filler_is_a_small_per_document_vocabulary():
     vocabularies = []
     for i in range(20):
         doc = passkey(np.random.default_rng(i), 2000, "t", filler="random_words")
-        text, key = doc.text, "".join(t for t, is_answer in doc.segments if is_answer)
+        text, key = doc.text, "".join(t for t, role in doc.segments if role == ANSWER)
         assert abs(len(text) - 2000) <= 2 and text.count(key) == 3 and re.fullmatch(r"\d{5}", key)
         assert len(set(key)) == 5 and key[0] != "0"  # distinct digits: each names its successor
         needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
@@ -75,7 +78,7 @@ def test_associative_recall_answers_are_the_stored_values(length):
     context = doc.segments[0][0]
     pairs = dict(re.findall(r"([a-z]{4})=(\d{4})", context))
     queries = [(doc.segments[i][0].strip(" ="), doc.segments[i + 1][0]) for i in range(1, len(doc.segments), 3)]
-    assert len(queries) == 5 and all(doc.segments[i + 1][1] for i in range(1, len(doc.segments), 3))
+    assert len(queries) == 5 and all(doc.segments[i + 1][1] == ANSWER for i in range(1, len(doc.segments), 3))
     for key, value in queries:
         assert pairs[key] == value
     assert abs(len(doc.text) - length) <= 12 or length < 400

@@ -122,7 +122,7 @@ def test_tokenizer_larger_than_the_model_vocabulary_stops_before_compiling(tmp_p
     path = str(tmp_path / "big.json")
     tok.save(path)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base = [sys.executable, "-m", "longtrain", "train", os.path.join(repo, "configs", "tiny_cpu.yaml"), "--devices",
+    base = [sys.executable, "-m", "longtrain", "train", os.path.join(repo, "configs", "smoke_cpu.yaml"), "--devices",
             "8", f"train.output_dir={tmp_path / 'run'}", "logging.wandb_mode=disabled", "data.add_eos=false"]
     for extra, wanted in (([f"data.tokenizer={path}", "model.vocab_size=256"], ["1000 tokens", "model.vocab_size=256"]),
                           ([f"data.tokenizer={tmp_path / 'nope.json'}"], ["nope.json"])):

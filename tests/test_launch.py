@@ -30,7 +30,7 @@ def test_launch_uses_the_python_that_has_longtrain(tmp_path):
     run. (They use the `longtrain` command on PATH when there is one: its shebang names the right Python.)"""
     import sys
 
-    cfg = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+    cfg = os.path.join(REPO, "configs", "smoke_cpu.yaml")
     bare = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "JAX_PLATFORMS": "cpu"}
     for script in ("local.sh", "local_multiprocess.sh"):
         cmd = ["bash", os.path.join(REPO, "launch", script), "config", cfg]

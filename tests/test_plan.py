@@ -49,7 +49,7 @@ def test_plan_8b_128k_on_8_simulated_devices_reports_and_fails_over_limit():
 
 
 def test_plan_tiny_fits_and_lowers_for_cuda():
-    r = _plan([os.path.join(REPO, "configs", "tiny_cpu.yaml"), "--devices", "8", "--memory-limit", "1GiB",
+    r = _plan([os.path.join(REPO, "configs", "smoke_cpu.yaml"), "--devices", "8", "--memory-limit", "1GiB",
                "--lower-for", "cuda"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mesh data=2 x fsdp=1 x context=4 x tensor=1" in r.stdout and "fits:" in r.stdout

@@ -1,6 +1,7 @@
 """Every user-facing failure of `longtrain train` ends in one line that names the problem, exit code 2, and no
 traceback (unless --debug); each case fails before compiling where it can be known then. The cases of issue 13's
-list; a corrupt checkpoint and a changed model on resume are in test_train_e2e.py and test_checkpoint_integrity.py.
+list; a missing or too large tokenizer is in test_data_tokenizers.py, a corrupt checkpoint and a changed model on
+resume in test_train_e2e.py and test_checkpoint_integrity.py.
 """
 import json
 import os
@@ -13,7 +14,7 @@ SMALL = ["--devices", "8", "train.steps=4", "optim.warmup_steps=1", "data.seq_le
 
 
 def _train(tmp_path, *overrides, debug=False, env=None):
-    cmd = [sys.executable, "-m", "longtrain", "train", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+    cmd = [sys.executable, "-m", "longtrain", "train", os.path.join(REPO, "configs", "smoke_cpu.yaml"),
            f"train.output_dir={tmp_path / 'run'}", *SMALL, *overrides] + (["--debug"] if debug else [])
     full = {**os.environ, **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
@@ -36,20 +37,6 @@ def _jsonl(path, records):
         for r in records:
             f.write(r if isinstance(r, str) else json.dumps(r) + "\n")
     return str(path)
-
-
-def test_missing_tokenizer_path(tmp_path):
-    r = _train(tmp_path, f"data.tokenizer={tmp_path / 'nope' / 'tokenizer.json'}")
-    _one_line_exit_2(r, "config", "nope")
-
-
-def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
-    from tokenizers import Tokenizer, models
-
-    path = str(tmp_path / "tok.json")
-    Tokenizer(models.WordLevel({f"w{i}": i for i in range(1000)} | {"[UNK]": 1000}, unk_token="[UNK]")).save(path)
-    r = _train(tmp_path, f"data.tokenizer={path}", "data.add_eos=false")
-    _one_line_exit_2(r, "config", "1001 tokens", "model.vocab_size=256")
 
 
 def test_empty_data_file(tmp_path):

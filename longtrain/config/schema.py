@@ -162,8 +162,9 @@ class DataConfig:
         0, ge=0, help="length curriculum: over this many training examples (per process) synthetic lengths grow "
                       "from synthetic_min_len to the full law; 0 = off. Eval always uses the full length")
     synthetic_answer_weight: float = knob(
-        1.0, ge=0, help="training loss weight of the synthetic task's answer tokens (the loss is the weighted mean "
-                        "over targets); eval is unweighted. Answers are a few tokens among many predictable ones: "
+        1.0, ge=0, help="training loss weight of the synthetic task's answer tokens and of the passkey's second "
+                        "spelling in the needle (predictable only by copying); the loss is the weighted mean over "
+                        "targets, eval is unweighted. Answers are a few tokens among many predictable ones: "
                         "weighting them, as associative-recall studies train on answers, makes retrieval learnable")
     bos_token: str | None = knob(None, help="BOS token string (tokenizers JSON / HF folder); HF default otherwise")
     eos_token: str | None = knob(None, help="EOS token string (tokenizers JSON / HF folder); HF default otherwise")

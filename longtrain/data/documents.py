@@ -41,10 +41,10 @@ class Tokenize:
     def __call__(self, record):
         if isinstance(record, synthetic.SyntheticDoc):
             ids, answer = [], []
-            for text, is_answer in record.segments:
+            for text, role in record.segments:
                 piece = self.tokenizer.encode(text)
                 ids += piece
-                answer += [is_answer] * len(piece)
+                answer += [int(role)] * len(piece)
         elif record.error is not None:
             return BadDoc(record.origin, record.error)
         else:
@@ -54,10 +54,10 @@ class Tokenize:
             return BadDoc(record.origin, "empty document")
         if self.add_bos:
             ids = [self.tokenizer.bos_id] + ids
-            answer = None if answer is None else [False] + answer
+            answer = None if answer is None else [0] + answer
         if self.add_eos:
             ids = ids + [self.tokenizer.eos_id]
-            answer = None if answer is None else answer + [False]
+            answer = None if answer is None else answer + [0]
         doc = Document.from_tokens(ids, answer)
         doc.origin = record.origin
         return doc

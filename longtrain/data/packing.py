@@ -17,22 +17,22 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 class Document:
     """Token ids of one document and their targets (`-1` where there is none, e.g. after the last token).
 
-    `answer` (optional, bool, aligned with `targets`) marks positions whose target is an answer token of a
-    synthetic task; eval batches carry it as `answer_mask`.
+    `answer` (optional, aligned with `targets`) is the synthetic role of each position's target (`synthetic.TEXT`,
+    `ANSWER` or `COPY`); eval batches carry the ANSWER positions as `answer_mask`.
     """
 
     tokens: np.ndarray  # int32 [L]
     targets: np.ndarray  # int32 [L]
-    answer: np.ndarray | None = None  # bool [L]
+    answer: np.ndarray | None = None  # int8 [L]: role of the target
     origin: str = ""  # "file:line" of the record, for messages
 
     @classmethod
     def from_tokens(cls, tokens, answer_tokens=None) -> "Document":
-        """`answer_tokens` (bool per token) marks answer tokens; it is shifted onto the positions predicting them."""
+        """`answer_tokens` (a role per token, or bool: answer or not) is shifted onto the positions predicting them."""
         tokens = np.asarray(tokens, dtype=np.int32)
         answer = None
         if answer_tokens is not None:
-            answer = np.append(np.asarray(answer_tokens, dtype=bool)[1:], False)
+            answer = np.append(np.asarray(answer_tokens, dtype=np.int8)[1:], np.int8(0))
         return cls(tokens, np.append(tokens[1:], np.int32(-1)).astype(np.int32), answer)
 
     def __len__(self) -> int:

@@ -32,7 +32,7 @@ import grain
 import grain.experimental
 import numpy as np
 
-from longtrain.data import packing
+from longtrain.data import packing, synthetic
 from longtrain.data.balance_loader import BalancedStepIterator
 from longtrain.data.documents import BadDataLog, BadDoc, document_dataset, pieces_of
 from longtrain.data.length_index import BUILD_COMMAND, LengthIndex, lengths_dataset
@@ -48,8 +48,8 @@ class PackedIterator(grain.DatasetIterator):
     def __init__(self, docs: grain.MapDataset, *, seq_len: int, rows_per_batch: int, window_rows: int,
                  max_doc_len: int, split_long: bool, strict: bool, answers: bool = False,
                  answer_weight: float | None = None):
-        """`answers`: batches carry `answer_mask` (eval). `answer_weight`: training batches weight the loss of
-        synthetic answer targets by this in `loss_mask` (and carry no `answer_mask`)."""
+        """`answers`: batches carry `answer_mask` (eval: the synthetic ANSWER targets). `answer_weight`: training
+        batches weight the loss of synthetic ANSWER and COPY targets by this in `loss_mask` (no `answer_mask`)."""
         super().__init__()
         if max_doc_len > seq_len:
             raise ValueError(f"data.max_doc_len={max_doc_len} exceeds data.seq_len={seq_len}: a row cannot hold it")
@@ -76,10 +76,13 @@ class PackedIterator(grain.DatasetIterator):
             i += 1
         rows = packing.best_fit_rows([len(d) for d in docs], self._T)
         packed = packing.pack_rows(docs, rows, self._T, answers=self._answers or self._answer_weight is not None)
-        if self._answer_weight is not None:
-            answer = packed["answer_mask"] if self._answers else packed.pop("answer_mask")
-            packed["loss_mask"] = packed["loss_mask"] * np.where(answer > 0, self._answer_weight, 1.0
-                                                                 ).astype(np.float32)
+        if "answer_mask" in packed:  # synthetic roles -> answer weights (training) / the scored answers (eval)
+            role = packed.pop("answer_mask")
+            if self._answer_weight is not None:
+                packed["loss_mask"] = packed["loss_mask"] * np.where(role != synthetic.TEXT, self._answer_weight,
+                                                                     1.0).astype(np.float32)
+            if self._answers:
+                packed["answer_mask"] = (role == synthetic.ANSWER).astype(np.float32)
         self._window = (packed, i, bad)
 
     def __next__(self) -> dict:

@@ -9,6 +9,12 @@ Pareto law clipped to [min_len, max_len], like real corpora: most examples short
 * associative_recall: `key=value` pairs (4 letters = 4 digits) filling the context, then several queries
   `key=` whose answers are the values (multi-query associative recall, MQAR).
 
+Segments carry a role: TEXT, ANSWER (scored in eval, weighted by `data.synthetic_answer_weight` in training) or
+COPY (weighted like answers in training, never scored): a token that only copying from the context can predict,
+such as the passkey's second spelling inside the needle. Weighting it trains the in-context copying circuit
+that retrieval needs on a short distance, where the gradient finds it quickly; the answers are still scored
+only at the question, far away.
+
 `score_answers(predicted_BT, batch)` scores a model's greedy predictions at the answer positions.
 """
 from __future__ import annotations
@@ -23,9 +29,12 @@ LENGTH_LAWS = ("fixed", "uniform", "long_tail")
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
+TEXT, ANSWER, COPY = 0, 1, 2  # segment roles
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticDoc:
-    segments: tuple[tuple[str, bool], ...]  # (text, is_answer)
+    segments: tuple[tuple[str, int], ...]  # (text, role)
     origin: str
     task: str
 
@@ -69,16 +78,17 @@ def passkey(rng: np.random.Generator, length: int, origin: str,
     `filler`: "repeated" (the classic passkey text, one sentence over and over) or "random_words"."""
     key = "".join(str(d) for d in _distinct_digits(rng, 5))
     head = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    needle = (f" The pass key is {key}. Remember it. ", key, " is the pass key. ")  # the 2nd key is a COPY
     question = " What is the pass key? The pass key is "
-    room = max(0, length - len(head) - len(needle) - len(question) - len(key))
+    room = max(0, length - len(head) - len("".join(needle)) - len(question) - len(key))
     before = int(rng.integers(int(needle_depth[0] * room), int(needle_depth[1] * room) + 1))
     if filler == "random_words":
         words = _random_words(rng, room + 1)
-        text = head + words[:before] + needle + words[before + 1:] + question
+        before_text, after_text = words[:before], words[before + 1:]
     else:
-        text = head + _filler(before, 0) + needle + _filler(room - before, before) + question
-    return SyntheticDoc(((text, False), (key, True), (".", False)), origin, "passkey")
+        before_text, after_text = _filler(before, 0), _filler(room - before, before)
+    return SyntheticDoc(((head + before_text + needle[0], TEXT), (needle[1], COPY),
+                         (needle[2] + after_text + question, TEXT), (key, ANSWER), (".", TEXT)), origin, "passkey")
 
 
 def associative_recall(rng: np.random.Generator, length: int, origin: str, num_queries: int = 4) -> SyntheticDoc:
@@ -96,11 +106,11 @@ def associative_recall(rng: np.random.Generator, length: int, origin: str, num_q
             keys.append(k)
     values = [f"{int(v)}" for v in rng.integers(1000, 10000, num_pairs)]
     context = head + ", ".join(f"{k}={v}" for k, v in zip(keys, values)) + ". Queries:"
-    segments: list[tuple[str, bool]] = [(context, False)]
+    segments: list[tuple[str, int]] = [(context, TEXT)]
     for q in rng.choice(num_pairs, num_queries, replace=False):
-        segments.append((f" {keys[q]}=", False))
-        segments.append((values[q], True))
-        segments.append((",", False))
+        segments.append((f" {keys[q]}=", TEXT))
+        segments.append((values[q], ANSWER))
+        segments.append((",", TEXT))
     return SyntheticDoc(tuple(segments), origin, "associative_recall")
 
 

@@ -73,9 +73,10 @@ def _save_three(directory, sharding):
     ckpt.close()
 
 
-def _largest_state_file(step_dir):
-    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)]
-    return max(files, key=os.path.getsize)
+def _state_files(step_dir):
+    """The array data files of a step (OCDBT keeps a process-local copy and a merged one; which one a read uses
+    is orbax's business, so the tests corrupt all of them)."""
+    return glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
 
 
 def _corrupt(path, how):
@@ -98,7 +99,8 @@ def _abstract(sharding):
 def test_a_corrupt_latest_step_falls_back_to_the_previous_one(tmp_path, sharding, how):
     directory = str(tmp_path / "ckpt")
     _save_three(directory, sharding)
-    _corrupt(_largest_state_file(os.path.join(directory, "3")), how)
+    for path in _state_files(os.path.join(directory, "3")):
+        _corrupt(path, how)
     reports = []
     step, state, data_state, config = Checkpointer(directory, keep=3).restore_latest(
         _abstract(sharding), report=reports.append)
@@ -143,7 +145,8 @@ def test_every_step_corrupt_is_an_error_that_says_so(tmp_path, sharding):
     directory = str(tmp_path / "ckpt")
     _save_three(directory, sharding)
     for step in (1, 2, 3):
-        _corrupt(_largest_state_file(os.path.join(directory, str(step))), "truncate")
+        for path in _state_files(os.path.join(directory, str(step))):
+            _corrupt(path, "delete")
     reports = []
     with pytest.raises(CheckpointError, match="no checkpoint .* could be restored .*3 moved"):
         Checkpointer(directory, keep=3).restore_latest(_abstract(sharding), report=reports.append)

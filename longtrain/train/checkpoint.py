@@ -87,6 +87,26 @@ def _one_line(error: BaseException, step_dir: str, item: str) -> tuple[str, str]
     return where, what[:240]
 
 
+def _quiet_closed_loop_callbacks() -> None:
+    """When a read fails, orbax closes its asyncio loop while other tensorstore reads are in flight; as they finish,
+    tensorstore schedules their results on the closed loop, and each prints a "RuntimeError: Event loop is closed"
+    traceback straight to stderr (no Python hook sees it), burying our one-line report. Nothing waits for those
+    results any more, so scheduling on a closed loop becomes a no-op; open loops behave exactly as before."""
+    import asyncio.base_events
+
+    original = asyncio.base_events.BaseEventLoop.call_soon_threadsafe
+    if getattr(original, "_longtrain_quiet", False):
+        return
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        if self.is_closed():
+            return None
+        return original(self, *args, **kwargs)
+
+    call_soon_threadsafe._longtrain_quiet = True
+    asyncio.base_events.BaseEventLoop.call_soon_threadsafe = call_soon_threadsafe
+
+
 def _all_processes(flag: bool) -> bool:
     """True on every process iff `flag` is true on all of them."""
     if jax.process_count() == 1:
@@ -170,6 +190,7 @@ class Checkpointer:
 
     def _read(self, step: int, item: str, args) -> Any:
         """One item of a step, or CheckpointCorrupt naming the file (or at least the item) that failed."""
+        _quiet_closed_loop_callbacks()
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
         except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; say which file

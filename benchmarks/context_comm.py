@@ -29,8 +29,9 @@ def formula_bytes(strategy, *, P, B, N, Hq, Hkv, D, b, u=2):
     """(forward, forward+backward) bytes sent per device per layer; b = bytes per input element, fp32 = 4.
 
     forward+backward is one program (a training step): XLA merges the backward's collectives that repeat the
-    forward's exactly (the first K/V hop of the ring, TokenRing's whole Q path, all_gather's re-gather), so they
-    are counted once, as they run."""
+    forward's exactly (the first K/V hop of the ring, TokenRing's first Q hop, all_gather's re-gather), so they
+    are counted once, as they run. The ring and TokenRing loops are scanned (memory flat in P), so their later
+    hops run again in the backward."""
     n = N // P
     h, hkv = Hq * D, Hkv * D
     if strategy == "ring":
@@ -38,7 +39,8 @@ def formula_bytes(strategy, *, P, B, N, Hq, Hkv, D, b, u=2):
         bwd = 2 * (P - 2) * B * n * hkv * b + 2 * P * B * n * hkv * 4       # K, V again (hop 1 shared); fp32 dK, dV
     elif strategy == "token_ring":
         fwd = (P - 1) * B * n * (h * b + (h + Hq) * 4)                     # Q one way, fp32 (out, lse) back
-        bwd = (P - 1) * B * n * (h * b + (h + Hq) * 4) + (P - 1) * B * n * h * 4  # dout, out, lse with Q; fp32 dQ
+        bwd = ((P - 1) * B * n * (h * b + (h + Hq) * 4) + (P - 1) * B * n * h * 4  # dout, out, lse with Q; fp32 dQ
+               + (P - 2) * B * n * h * b)  # Q again: the scanned loop keeps no forward hop (hop 1 is shared)
     elif strategy == "all_gather":
         fwd = (P - 1) * B * n * 2 * hkv * b
         bwd = (P - 1) * B * n * 2 * hkv * 4                                # reduce-scatter of fp32 dK, dV

@@ -60,9 +60,8 @@ def parse_computations(hlo_text: str):
 def collective_bytes(hlo_text: str, num_devices: int) -> dict:
     """{collective kind: bytes sent per device} and {'count': number of collective launches} for the program."""
     comps, entry = parse_computations(hlo_text)
-    totals = collections.Counter()
 
-    def visit(name, mult, depth=0):
+    def visit(name, mult, totals, depth=0):
         if depth > 50 or name not in comps:
             return
         for line in comps[name]:
@@ -94,13 +93,18 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict:
                     raise ValueError(f"while loop without known_trip_count around a collective: {line.strip()[:200]}")
             for attr in ("body", "calls", "to_apply"):
                 for callee in re.findall(attr + r"=%?([\w.\-]+)", rest):
-                    visit(callee, mult * (trip if attr == "body" else 1), depth + 1)
+                    visit(callee, mult * (trip if attr == "body" else 1), totals, depth + 1)
             br = re.search(r"branch_computations=\{([^}]*)\}", rest)
-            if br:
+            if br:  # a conditional runs one branch: count the one that sends the most
+                branches = []
                 for callee in br.group(1).split(","):
-                    visit(callee.strip().lstrip("%"), mult, depth + 1)
+                    branch = collections.Counter()
+                    visit(callee.strip().lstrip("%"), mult, branch, depth + 1)
+                    branches.append(branch)
+                totals.update(max(branches, key=lambda c: (total_bytes(c), c["count"])))
 
-    visit(entry, 1)
+    totals = collections.Counter()
+    visit(entry, 1, totals)
     return dict(totals)
 
 

@@ -27,6 +27,30 @@ def test_measured_bytes_equal_formula_at_P8(strategy):
     assert abs(row["fwdbwd_hlo"] - row["fwdbwd_formula"]) <= 0.01 * row["fwdbwd_formula"], row
 
 
+def test_hlo_parser_counts_one_branch_of_a_conditional():
+    """A conditional runs one branch per execution: its bytes are the largest branch's, times the loop trips."""
+    hlo = """HloModule m
+
+%b0 (x: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} collective-permute(%x), source_target_pairs={{0,1},{1,0}}
+}
+
+%b1 (x: f32[4,8]) -> f32[4,8] {
+  %p1 = f32[4,8]{1,0} collective-permute(%x), source_target_pairs={{0,1},{1,0}}
+}
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %c = f32[4,8]{1,0} conditional(%i, %y, %y), branch_computations={%b0, %b1}
+}
+
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %w = (s32[], f32[4,8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+    counts = collective_bytes(hlo, 2)
+    assert counts["collective-permute"] == 3 * 4 * 8 * 4 and counts["count"] == 3
+
+
 def test_causal_imbalance_by_layout_at_P8():
     N, P = 1024, 8
     assert imbalance(causal_work_per_rank("zigzag", N, P)) <= 1.02
@@ -56,9 +80,11 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     assert shape_bytes("(f32[2,3], s32[4])") == 2 * 3 * 4 + 16
 
 
-def test_ring_step_memory_flat_in_P():
-    """The ring's custom VJP saves only (out, lse): compiled temp memory of forward+backward at a fixed per-rank
-    length does not grow with P (plain autodiff through the scan would keep every step's blocks)."""
+@pytest.mark.parametrize("strategy,smaller_P,ratio", [("ring", 2, 1.05), ("token_ring", 4, 1.1)])
+def test_step_memory_flat_in_P(strategy, smaller_P, ratio):
+    """The ring's and TokenRing's custom VJPs save only (out, lse) and their steps are scanned: compiled temp
+    memory of forward+backward at a fixed per-rank length does not grow with P (plain autodiff through the scan
+    would keep every step's blocks; TokenRing's unrolled loop grew 0.45 -> 0.73 MB forward from P = 4 to 8)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -70,7 +96,7 @@ def test_ring_step_memory_flat_in_P():
         spec = NamedSharding(mesh, PartitionSpec(None, "context", None, None))
         q = jax.ShapeDtypeStruct((1, n * P, 4, 32), jnp.float32, sharding=spec)
         kv = jax.ShapeDtypeStruct((1, n * P, 2, 32), jnp.float32, sharding=spec)
-        attend = lambda q, k, v: context_attention(q, k, v, mesh=mesh, strategy="ring", layout="zigzag",
+        attend = lambda q, k, v: context_attention(q, k, v, mesh=mesh, strategy=strategy, layout="zigzag",
                                                    impl="reference")
 
         def step(q, k, v, dout):
@@ -79,4 +105,4 @@ def test_ring_step_memory_flat_in_P():
 
         return jax.jit(step).lower(q, kv, kv, q).compile().memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes(8) <= 1.05 * temp_bytes(2)
+    assert temp_bytes(8) <= ratio * temp_bytes(smaller_P), (temp_bytes(8), temp_bytes(smaller_P))

@@ -106,3 +106,29 @@ def test_step_memory_flat_in_P(strategy, smaller_P, ratio):
         return jax.jit(step).lower(q, kv, kv, q).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(8) <= ratio * temp_bytes(smaller_P), (temp_bytes(8), temp_bytes(smaller_P))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_token_ring_loop_lowers_for_gpu_and_tpu(platform):
+    """The scanned TokenRing sends partials from inside a lax.switch in a scan: the forward+backward lowers for
+    cuda and tpu from this CPU machine (stablehlo.case around collective_permute)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from longtrain.parallel import context_attention, make_mesh
+
+    P, n = 8, 32
+    mesh = make_mesh(data=1, context=P, devices=jax.devices()[:P])
+    spec = NamedSharding(mesh, PartitionSpec(None, "context", None, None))
+    q = jax.ShapeDtypeStruct((1, n * P, 4, 32), jnp.bfloat16, sharding=spec)
+    kv = jax.ShapeDtypeStruct((1, n * P, 2, 32), jnp.bfloat16, sharding=spec)
+    attend = lambda q, k, v: context_attention(q, k, v, mesh=mesh, strategy="token_ring", layout="zigzag",
+                                               impl="xla")
+
+    def step(q, k, v, dout):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(dout)
+
+    text = jax.jit(step).trace(q, kv, kv, q).lower(lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.case" in text and "collective_permute" in text

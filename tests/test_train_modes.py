@@ -78,3 +78,49 @@ def test_context_parallel_loss_and_grads_equal_single_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale),
                  got_grads, want_grads)
     assert isinstance(session.runtime, parallel.ParallelRuntime)
+
+
+def _batch(rng, B, T, vocab=64):
+    tokens = rng.integers(1, vocab, (B, T + 1))
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": (rng.random((B, T)) < 0.8),
+             "positions": np.broadcast_to(np.arange(T), (B, T)), "segment_ids": np.ones((B, T), np.int32)}
+    return {k: jnp.asarray(v, jnp.float32 if k == "loss_mask" else jnp.int32) for k, v in batch.items()}
+
+
+def test_seco_under_data_parallelism_reduces_the_gradient_once_and_stays_exact():
+    """Issue 16, item 3: with data=8 each device keeps its chunk gradients and they are all-reduced ONCE per step,
+    so the compiled step's collective bytes do not depend on the number of chunks (and equal full backprop's);
+    the (loss sum, gradient) still equal full backprop on one device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from longtrain import parallel
+    from longtrain.parallel.hlo_comm import collective_bytes, total_bytes
+
+    mesh = parallel.make_mesh(data=8)
+    rng = np.random.default_rng(5)
+    batch = _batch(rng, 8, 48)
+    full_cfg = _setup("full")
+    shapes = jax.eval_shape(lambda k: models.init(full_cfg.model, k), jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.normal(size=a.shape), a.dtype), shapes)
+    key = jax.random.PRNGKey(1)
+    rows = NamedSharding(mesh, P("data"))
+    sharded = {k: jax.device_put(v, rows) for k, v in batch.items()}
+    replicated = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), params)
+    loss_ref, g_ref = jax.jit(make_micro_value_and_grad(full_cfg, None))(params, batch, key)  # one device
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_ref))
+
+    def compiled(mode, chunk):
+        cfg = load_config(None, ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=48",
+                                 "model.num_heads=4", "model.num_kv_heads=2", f"optim.mode={mode}",
+                                 f"optim.chunk_size={chunk}", "data.seq_len=48", "train.steps=10",
+                                 "optim.warmup_steps=0"])
+        fn = jax.jit(make_micro_value_and_grad(cfg, None, mesh_shape=dict(mesh.shape), mesh=mesh))
+        return fn, fn.lower(replicated, sharded, key).compile().as_text()
+
+    full_bytes = total_bytes(collective_bytes(compiled("full", 48)[1], 8))
+    for chunk in (24, 12, 6):  # 2, 4, 8 chunks
+        fn, hlo = compiled("seco", chunk)
+        assert total_bytes(collective_bytes(hlo, 8)) == pytest.approx(full_bytes, rel=0.01), chunk
+        loss, grads = fn(replicated, sharded, key)
+        np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale), grads, g_ref)

@@ -37,7 +37,7 @@ def build_program(config: Config, session) -> TrainProgram:
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                                   state_shardings)
     micro = make_micro_value_and_grad(config, session.runtime, mesh_shape=dict(session.mesh.shape),
-                                      grad_shardings=state_shardings["params"])
+                                      grad_shardings=state_shardings["params"], mesh=session.mesh)
     step_fn = make_train_step(micro, optimizer, schedule, grad_accum=config.optim.grad_accum)
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, session.batch_sharding),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))

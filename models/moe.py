@@ -77,23 +77,43 @@ def moe_mlp(config, params, x_BTE, *, runtime=None):
     impl = config.moe_impl
     if impl not in MOE_IMPLS:
         raise ValueError(f"model.moe_impl={impl!r} is not a MoE implementation; expected one of {MOE_IMPLS}")
+    # Routing is per token, so each device can route its own tokens: under a mesh the ragged dispatch runs in a
+    # shard_map over the token shards (the expert weights are gathered as FSDP gathers any weight), so its sort,
+    # gather and scatter never leave the device. Left to GSPMD, the [B*T] sort over a sharded token axis became a
+    # global sort with all-reduces of every token. One expert needs no routing at all (dense path, same function).
+    mesh = getattr(runtime, "mesh", None)
+    ragged = impl == "ragged" and config.num_experts > 1
+    if ragged and mesh is not None and mesh.size > 1 and dict(mesh.shape).get("tensor", 1) == 1:
+        out = _tokens_per_device(config, params, x_BTE, mesh)
+    else:  # one device; dense; or tensor parallelism (expert matrices split over `tensor`: GSPMD places them)
+        out = _moe_tokens(config, params, x_BTE, ragged)
+    if runtime is not None:
+        out = runtime.constrain(out, ("batch", "seq", "embed"))
+    return out
+
+
+def _moe_tokens(config, params, x_BTE, ragged: bool):
+    """Route and run the experts for the tokens of x [B, T, E] (all of them, or one device's)."""
     cdt = dtype_of(config.dtype)
     B, T, E = x_BTE.shape
     x_NE = x_BTE.astype(cdt).reshape(B * T, E)
     logits_NX = dense(x_NE, params["router"]["kernel"], dtype=config.dtype)
     top_idx_NK, top_w_NK = route(logits_NX, config.experts_per_token)
     gate, up, down = (params["experts"][n].astype(cdt) for n in ("gate", "up", "down"))
-    # One expert: routing is the identity, so the ragged path's global token sort is pure overhead (under context
-    # parallelism it turns into ~1 TB/step of all-reduce on the 1B/256K hybrid plan); the dense einsum is the same
-    # computation. Several experts with ragged dispatch still sort globally: per-shard dispatch is a TODO.
-    if impl == "dense" or gate.shape[0] == 1:
-        out_NE = _dense_experts(x_NE, gate, up, down, top_idx_NK, top_w_NK)
-    else:
-        out_NE = _ragged_experts(x_NE, gate, up, down, top_idx_NK, top_w_NK)
-    out = out_NE.astype(cdt).reshape(B, T, E)
-    if runtime is not None:
-        out = runtime.constrain(out, ("batch", "seq", "embed"))
-    return out
+    experts = _ragged_experts if ragged else _dense_experts
+    return experts(x_NE, gate, up, down, top_idx_NK, top_w_NK).astype(cdt).reshape(B, T, E)
+
+
+def _tokens_per_device(config, params, x_BTE, mesh):
+    from jax.sharding import PartitionSpec as P
+
+    from longtrain.parallel.sharding import activation_spec
+
+    spec_BTE = activation_spec(("batch", "seq", "embed"), x_BTE.shape, mesh)
+    replicated = jax.tree.map(lambda _: P(), params)
+    local = lambda p, x: _moe_tokens(config, p, x, ragged=True)  # noqa: E731
+    return jax.shard_map(local, mesh=mesh, in_specs=(replicated, spec_BTE), out_specs=spec_BTE,
+                         check_vma=False)(params, x_BTE)
 
 
 def _dense_experts(x_NE, gate_XEI, up_XEI, down_XIE, top_idx_NK, top_w_NK):

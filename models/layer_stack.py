@@ -180,7 +180,8 @@ def run_layers(layer_fn, stacked_params, x, *, scan: bool, remat_policy: str, kv
     if not scan:
         kvs = []
         for i in range(L):
-            x, kv = fn(x, layer_slice(stacked_params, i), None if kv_prefix is None else kv_prefix[i])
+            with jax.named_scope(f"layer_{i}"):  # op names say which layer (`plan --explain`, profiles)
+                x, kv = fn(x, layer_slice(stacked_params, i), None if kv_prefix is None else kv_prefix[i])
             kvs.append(kv)
         return x, (kvs if return_kv else None)
 

@@ -243,11 +243,12 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
             softmax_fn = _stacked_softmax_fn(raw_fns[FULL], kv_prefix, config.remat)
         for l, t in enumerate(types):
             layer_p = (layer_slice(common, l), layer_slice(layers[_mixer_key(t)], within[l]), jnp.asarray(slopes_LH[l]))
-            if stacked and t == FULL:
-                x_BTE, sink, kv = softmax_fn(x_BTE, sink, layer_p, layer_slice(kv_prefix.stacked, within[l]),
-                                             within[l])
-            else:
-                x_BTE, kv = layer_fns[t](x_BTE, *layer_p, prefix_L[l])
+            with jax.named_scope(f"layer_{l}"):  # op names say which layer (`plan --explain`, profiles)
+                if stacked and t == FULL:
+                    x_BTE, sink, kv = softmax_fn(x_BTE, sink, layer_p, layer_slice(kv_prefix.stacked, within[l]),
+                                                 within[l])
+                else:
+                    x_BTE, kv = layer_fns[t](x_BTE, *layer_p, prefix_L[l])
             kvs.append(kv)
     else:
         def per_repeat(tree):  # [R * n, ...] -> [R, n, ...] (a free reshape)

@@ -99,6 +99,11 @@ def _moe_tokens(config, params, x_BTE, ragged: bool):
     x_NE = x_BTE.astype(cdt).reshape(B * T, E)
     logits_NX = dense(x_NE, params["router"]["kernel"], dtype=config.dtype)
     top_idx_NK, top_w_NK = route(logits_NX, config.experts_per_token)
+    if config.num_experts == 1:  # the routing weight is exactly 1: a plain SwiGLU MLP, the Llama MLP's code
+        experts = params["experts"]
+        h_NI = jax.nn.silu(dense(x_NE, experts["gate"][0], dtype=config.dtype)) * dense(
+            x_NE, experts["up"][0], dtype=config.dtype)
+        return dense(h_NI, experts["down"][0], dtype=config.dtype).reshape(B, T, E)
     gate, up, down = (params["experts"][n].astype(cdt) for n in ("gate", "up", "down"))
     experts = _ragged_experts if ragged else _dense_experts
     return experts(x_NE, gate, up, down, top_idx_NK, top_w_NK).astype(cdt).reshape(B, T, E)

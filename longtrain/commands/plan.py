@@ -11,12 +11,16 @@ platform (no compile), which catches kernels or collectives that have no lowerin
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
 
 from longtrain.commands.config import add_config_arguments
 from longtrain.train.process_env import add_process_arguments, init_distributed, simulate_devices
+
+# source lines in --explain are shown relative to the checkout (longtrain/, models/, parallel/, kernels/)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
@@ -43,23 +47,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_process_arguments(parser)
     parser.add_argument("--memory-limit", default=None, help="per-device memory to fit in, e.g. 80GiB")
+    parser.add_argument("--explain", type=int, nargs="?", const=10, default=0, metavar="N",
+                        help="also list the N (default 10) largest buffers live at the peak of temp memory, with the "
+                             "op, layer and source line that make them (from XLA's buffer assignment)")
     parser.add_argument("--lower-for", choices=["cuda", "tpu"], default=None,
                         help="also lower the train step for this platform from this machine (checks that every "
                              "kernel and collective has a lowering there; no compile, so no temp-memory numbers)")
 
 
-def plan(config) -> dict:
-    """Compile the train step for `config` on the visible devices; -> report dict (bytes per device)."""
+def plan(config, explain: int = 0) -> dict:
+    """Compile the train step for `config` on the visible devices; -> report dict (bytes per device). `explain`:
+    also the `explain` largest buffers live at the peak of temp memory (`report["peak"]`, a PeakReport)."""
+    import tempfile
+
     import jax
 
     from longtrain.parallel.hlo_comm import bytes_per_collective
+    from longtrain.parallel.hlo_memory import peak_from_dump
     from longtrain.train.program import build_program, per_device_bytes
     from longtrain.train.setup import build_session
 
     session = build_session(config, with_data=False)
     program = build_program(config, session)
     t0 = time.perf_counter()
-    compiled = program.train_step.lower(program.abstract_state, session.abstract_batch()).compile()
+    lowered = program.train_step.lower(program.abstract_state, session.abstract_batch())
+    peak = None
+    if explain:  # the same compile, with XLA's dump on: its buffer assignment says what fills temp memory
+        with tempfile.TemporaryDirectory(prefix="longtrain_plan_") as dump:
+            compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+            peak = peak_from_dump(dump, module="step_fn", top=explain, repo_root=REPO_ROOT)
+    else:
+        compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     params = per_device_bytes(program.abstract_state["params"])
@@ -80,6 +98,7 @@ def plan(config) -> dict:
         "total": args + max(outs - alias, 0) + temp,
         "collectives": bytes_per_collective(compiled.as_text(), jax.device_count()),
         "compile_s": compile_s,
+        "peak": peak,
     }
 
 
@@ -109,6 +128,16 @@ def print_report(config, report: dict, out=sys.stdout) -> None:
     for op, n in report["collectives"].items():
         print(f"  {op:<22}{fmt_bytes(n):>14}", file=out)
     print(f"  {'total':<22}{fmt_bytes(sum(report['collectives'].values())):>14}", file=out)
+    peak = report.get("peak")
+    if peak is not None:
+        print(f"largest buffers live at the peak of temp memory ({fmt_bytes(peak.peak_bytes)} live of "
+              f"{fmt_bytes(peak.temp_bytes)} temp; XLA buffer assignment):", file=out)
+        for b in peak.buffers:
+            tags = ", ".join(t for t in (f"layer {b.layer}" if b.layer is not None else "",
+                                         "backward" if b.backward else "") if t)
+            op = "/".join(b.op_name.split("/")[-2:])
+            print(f"  {fmt_bytes(b.bytes):>12}  {b.shape.split('{')[0]:<30} {tags:<18} {b.source}  [{op}]",
+                  file=out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     config = load_config(args.config, args.overrides, num_devices=jax.device_count())
-    report = plan(config)
+    report = plan(config, explain=args.explain)
     print_report(config, report)
     if args.lower_for:
         t0 = time.perf_counter()

@@ -119,7 +119,7 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
         attention_site.require_local(runtime, "kv_prefix/return_kv (chunk-wise caches)")
     positions, token_index = default_indices(tokens, positions, token_index)
     cdt = dtype_of(config.dtype)
-    x_BTE = embed(params["embed"]["embedding"], tokens, dtype=config.dtype)
+    x_BTE = embed(attention_site.embedding_table(runtime, params), tokens, dtype=config.dtype)
     x_BTE = runtime.constrain(x_BTE, ("batch", "seq", "embed"))
     cos_sin = rope_cos_sin(config, positions, cdt)
     eps = config.rms_norm_eps

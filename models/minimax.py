@@ -215,7 +215,7 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
     stacked = isinstance(kv_prefix, StackedCaches)
     runtime = attention_site.resolve_runtime(config, runtime)
     positions, token_index = default_indices(tokens, positions, token_index)
-    x_BTE = embed(params["embed"]["embedding"], tokens, dtype=config.dtype)
+    x_BTE = embed(attention_site.embedding_table(runtime, params), tokens, dtype=config.dtype)
     x_BTE = runtime.constrain(x_BTE, ("batch", "seq", "embed"))
     cos_sin = rope_cos_sin(config, positions, dtype_of(config.dtype))
     raw_fns = {t: _make_layer_fn(config, t, cos_sin=cos_sin, segment_ids=segment_ids, token_index=token_index,

@@ -64,6 +64,7 @@ def plan(config, explain: int = 0) -> dict:
 
     from longtrain.parallel.hlo_comm import bytes_per_collective
     from longtrain.parallel.hlo_memory import peak_from_dump
+    from longtrain.parallel.xla_warnings import capture_compile_warnings
     from longtrain.train.program import build_program, per_device_bytes
     from longtrain.train.setup import build_session
 
@@ -72,12 +73,13 @@ def plan(config, explain: int = 0) -> dict:
     t0 = time.perf_counter()
     lowered = program.train_step.lower(program.abstract_state, session.abstract_batch())
     peak = None
-    if explain:  # the same compile, with XLA's dump on: its buffer assignment says what fills temp memory
-        with tempfile.TemporaryDirectory(prefix="longtrain_plan_") as dump:
-            compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
-            peak = peak_from_dump(dump, module="step_fn", top=explain, repo_root=REPO_ROOT)
-    else:
-        compiled = lowered.compile()
+    with capture_compile_warnings() as warnings:  # XLA's partitioner warns on fd 2; count what it says
+        if explain:  # the same compile, with XLA's dump on: its buffer assignment says what fills temp memory
+            with tempfile.TemporaryDirectory(prefix="longtrain_plan_") as dump:
+                compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+                peak = peak_from_dump(dump, module="step_fn", top=explain, repo_root=REPO_ROOT)
+        else:
+            compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     params = per_device_bytes(program.abstract_state["params"])
@@ -99,6 +101,7 @@ def plan(config, explain: int = 0) -> dict:
         "collectives": bytes_per_collective(compiled.as_text(), jax.device_count()),
         "compile_s": compile_s,
         "peak": peak,
+        "involuntary_rematerializations": len(warnings.involuntary_rematerializations),
     }
 
 
@@ -128,6 +131,10 @@ def print_report(config, report: dict, out=sys.stdout) -> None:
     for op, n in report["collectives"].items():
         print(f"  {op:<22}{fmt_bytes(n):>14}", file=out)
     print(f"  {'total':<22}{fmt_bytes(sum(report['collectives'].values())):>14}", file=out)
+    remats = report.get("involuntary_rematerializations", 0)
+    print(f"XLA partitioner: {remats or 'no'} involuntary full rematerialization{'s' if remats != 1 else ''}"
+          + (" (a tensor replicated on every device, then re-partitioned: see XLA's warnings above)" if remats
+             else ""), file=out)
     peak = report.get("peak")
     if peak is not None:
         print(f"largest buffers live at the peak of temp memory ({fmt_bytes(peak.peak_bytes)} live of "

@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longtrain.models.layers import dense, dtype_of, normal_init
+from longtrain.models.layers import apply_mlp, dense, dtype_of, normal_init
 
 MOE_IMPLS = ("dense", "ragged")
 
@@ -100,10 +100,9 @@ def _moe_tokens(config, params, x_BTE, ragged: bool):
     logits_NX = dense(x_NE, params["router"]["kernel"], dtype=config.dtype)
     top_idx_NK, top_w_NK = route(logits_NX, config.experts_per_token)
     if config.num_experts == 1:  # the routing weight is exactly 1: a plain SwiGLU MLP, the Llama MLP's code
-        experts = params["experts"]
-        h_NI = jax.nn.silu(dense(x_NE, experts["gate"][0], dtype=config.dtype)) * dense(
-            x_NE, experts["up"][0], dtype=config.dtype)
-        return dense(h_NI, experts["down"][0], dtype=config.dtype).reshape(B, T, E)
+        only = {name: {"kernel": params["experts"][key][0]}
+                for name, key in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))}
+        return apply_mlp(config, only, x_NE).reshape(B, T, E)
     gate, up, down = (params["experts"][n].astype(cdt) for n in ("gate", "up", "down"))
     experts = _ragged_experts if ragged else _dense_experts
     return experts(x_NE, gate, up, down, top_idx_NK, top_w_NK).astype(cdt).reshape(B, T, E)

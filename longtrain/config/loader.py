@@ -369,7 +369,10 @@ def check_cross_fields(config: Config, *, num_devices: int | None = None) -> Non
     if len(depth) != 2 or not 0.0 <= depth[0] <= depth[1] <= 1.0:
         raise ConfigError(f"data.synthetic_needle_depth={list(depth)} must be [from, to] with 0 <= from <= to <= 1 "
                           "(fractions of the filler before the question)")
-    longest = max(d.seq_len, d.balance.max_doc_len or 0) if d.balance.enabled else d.seq_len
+    # the longest document a step can hold: a row, or in balance mode a document split over ranks
+    key, longest = "data.seq_len", d.seq_len
+    if d.balance.enabled and (d.balance.max_doc_len or 0) > d.seq_len:
+        key, longest = "data.balance.max_doc_len", d.balance.max_doc_len
     if longest > m.max_position_embeddings:
         rope = m.rope_scaling
         hint = (f"with model.rope_scaling.type={rope.type!r} factor={rope.factor:g}, set "
@@ -377,12 +380,9 @@ def check_cross_fields(config: Config, *, num_devices: int | None = None) -> Non
                 f"to extend a pretrained model, also set model.rope_scaling (e.g. type=yarn, "
                 f"factor={longest / m.max_position_embeddings:g}, original_max_position_embeddings="
                 f"{m.max_position_embeddings})")
-        raise ConfigError(f"data.seq_len={longest} exceeds model.max_position_embeddings="
-                          f"{m.max_position_embeddings}: raise model.max_position_embeddings to >= {longest} ({hint})"
-                          if longest == d.seq_len else
-                          f"data.balance.max_doc_len={longest} exceeds model.max_position_embeddings="
-                          f"{m.max_position_embeddings}: documents that long would get positions the model has "
-                          f"never seen; raise model.max_position_embeddings or lower the max_doc_len ({hint})")
+        raise ConfigError(f"{key}={longest} exceeds model.max_position_embeddings={m.max_position_embeddings} "
+                          f"(positions the model has never seen): raise model.max_position_embeddings to >= "
+                          f"{longest} or lower {key} ({hint})")
     if d.source not in ("synthetic",) and not d.paths:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (files or glob patterns)")
     if num_devices is not None:

@@ -25,11 +25,11 @@ import shutil
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from longtrain.errors import CheckpointError
 from longtrain.train import checksums
+from longtrain.train.processes import all_processes, barrier
 
 
 def _to_json(value: Any) -> Any:
@@ -107,26 +107,8 @@ def _quiet_closed_loop_callbacks() -> None:
     asyncio.base_events.BaseEventLoop.call_soon_threadsafe = call_soon_threadsafe
 
 
-def _all_processes(flag: bool) -> bool:
-    """True on every process iff `flag` is true on all of them."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.min(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with our items. The caller decides when to save."""
-
-    ITEMS = ("state", "data", "config", "checksums")
 
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
@@ -146,6 +128,10 @@ class Checkpointer:
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
+
+    def has_checksums(self, step: int) -> bool:
+        """False for checkpoints written before checkpoints verified themselves (restored unverified)."""
+        return os.path.isdir(os.path.join(self.step_dir(step), "checksums"))
 
     def save(self, step: int, state: Any, data_state: Any, config_dict: dict) -> None:
         """Start saving `step` (returns once device arrays are copied; the write finishes in the background).
@@ -170,8 +156,7 @@ class Checkpointer:
         are `jax.ShapeDtypeStruct`s carrying the target shardings (e.g. from `jax.eval_shape` + the current mesh's
         shardings). `check_config(step, saved_config)` runs before the state is read (it may refuse a resume by
         raising CheckpointError). Raises CheckpointCorrupt naming what failed."""
-        step_dir = self.step_dir(step)
-        verified = os.path.isdir(os.path.join(step_dir, "checksums"))  # absent in checkpoints before checksums
+        verified = self.has_checksums(step)
         meta_items = ("data", "config", "checksums") if verified else ("data", "config")
         meta = {name: self._read(step, name, ocp.args.JsonRestore()) for name in meta_items}
         saved = meta.get("checksums", {})
@@ -212,7 +197,7 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             return None
-        if not os.path.isdir(os.path.join(self.step_dir(steps[0]), "checksums")):
+        if not self.has_checksums(steps[0]):
             report(f"longtrain: checkpoint step {steps[0]} has no checksums (written before longtrain verified "
                    "checkpoints): restored unverified")
         moved = []
@@ -222,7 +207,7 @@ class Checkpointer:
                 restored = self.restore(step, abstract_state, check)
             except CheckpointCorrupt as e:
                 error = e
-            if _all_processes(error is None):
+            if all_processes(error is None):
                 if notes.get(step):
                     report(notes[step])
                 return (step, *restored)
@@ -244,7 +229,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             shutil.move(self.step_dir(step), dest)
-        _barrier(f"longtrain_move_aside_{step}")
+        barrier(f"longtrain_move_aside_{step}")
         self.manager.reload()
         return dest
 

@@ -115,7 +115,8 @@ class MetricsFile:
         self.path = path
         if keep_through_step is not None and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= keep_through_step]
+                kept = [line for line, step in ((line, _step_of(line)) for line in f)
+                        if step is not None and step <= keep_through_step]
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)

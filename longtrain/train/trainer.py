@@ -30,6 +30,7 @@ from longtrain.train.init_from import check_init_from, inherit_token_ids, load_p
 from longtrain.train.metrics import (MetricsFile, WandbSink, document_lengths, peak_flops_per_device,
                                      train_flops_of_lengths)
 from longtrain.train.model_loss import make_eval_step
+from longtrain.train.processes import any_process
 from longtrain.train.progress import make_progress
 from longtrain.train.report import PLOT_NAME, plot_curves, summary_lines
 from longtrain.train.signals import StopRequest
@@ -53,16 +54,6 @@ class TrainResult:
 
 def checkpoint_dir(config: Config) -> str:
     return config.checkpoint.dir or os.path.join(config.train.output_dir, "checkpoints")
-
-
-def _any_process(flag: bool) -> bool:
-    """True on every process when `flag` is true on any (a signal may reach only some processes; all must stop
-    after the same step or the others would wait forever in the next collective)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _host_metrics(metrics: dict) -> dict:
@@ -270,7 +261,7 @@ def train(config: Config) -> TrainResult:
                                               for k, v in ev.items() if k != "kind"))
                 if step % config.checkpoint.every == 0 or step == total_steps:
                     save(step)
-                if _any_process(stop.requested is not None):
+                if any_process(stop.requested is not None):  # all stop after the same step
                     stopped_by = stop.requested or "a signal on another process"
                     if step % config.checkpoint.every and step != total_steps:
                         save(step)

@@ -1,4 +1,4 @@
-"""The softmax attention layer of every decoder (and of the softmax layers of the MiniMax hybrid).
+"""`Attention`: the softmax attention layer (an NNX module) of every decoder and of the MiniMax softmax layers.
 
 q/k/v projections (optional bias: `attention_bias`), optional per-head RMSNorm on q and k (`qk_norm`, Qwen3), RoPE
 on the first `rotary_dim` channels, GQA, optional sliding window, output projection (optional bias:
@@ -13,56 +13,68 @@ Chunk-wise (SeCO) cache of one layer, `kv` = {"k": [B,S,Hkv,D] after RoPE, "v": 
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from longtrain.models import attention_site
-from longtrain.models.layers import dense, normal_init, ones, rms_norm, zeros
+from longtrain.models.layers import Linear, RMSNorm
 from longtrain.models.rope import apply_rope
 
 ATTENTION_OUTPUT = "attention_output"  # checkpoint name saved by remat="save_attention_output"
 
 
-def init_attention(config, rng) -> dict:
-    E, Hq, Hkv, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.resolved_head_dim
-    std, pdt = config.init_std, config.param_dtype
-    rq, rk, rv, ro = jax.random.split(rng, 4)
-    p = {
-        "q_proj": {"kernel": normal_init(rq, (E, Hq, D), std, pdt)},
-        "k_proj": {"kernel": normal_init(rk, (E, Hkv, D), std, pdt)},
-        "v_proj": {"kernel": normal_init(rv, (E, Hkv, D), std, pdt)},
-        "o_proj": {"kernel": normal_init(ro, (Hq, D, E), std, pdt)},
-    }
-    if config.attention_bias:
-        p["q_proj"]["bias"] = zeros((Hq, D), pdt)
-        p["k_proj"]["bias"] = zeros((Hkv, D), pdt)
-        p["v_proj"]["bias"] = zeros((Hkv, D), pdt)
-    if config.attention_out_bias:
-        p["o_proj"]["bias"] = zeros((E,), pdt)
-    if config.qk_norm:
-        p["q_norm"] = {"scale": ones((D,), pdt)}
-        p["k_norm"] = {"scale": ones((D,), pdt)}
-    return p
+class Attention(nnx.Module):
+    """One softmax attention layer (see the module docstring for its parameters and caches)."""
 
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        E, Hq, Hkv, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.resolved_head_dim
+        self.config = config
+        self.q_proj = Linear((E,), (Hq, D), ("embed",), ("heads", "head_dim"), config, rngs=rngs,
+                             use_bias=config.attention_bias)
+        self.k_proj = Linear((E,), (Hkv, D), ("embed",), ("kv_heads", "head_dim"), config, rngs=rngs,
+                             use_bias=config.attention_bias)
+        self.v_proj = Linear((E,), (Hkv, D), ("embed",), ("kv_heads", "head_dim"), config, rngs=rngs,
+                             use_bias=config.attention_bias)
+        self.o_proj = Linear((Hq, D), (E,), ("heads", "head_dim"), ("embed",), config, rngs=rngs,
+                             use_bias=config.attention_out_bias)
+        self.q_norm = RMSNorm((D,), ("head_dim",), config, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm((D,), ("head_dim",), config, config.rms_norm_eps) if config.qk_norm else None
 
-def attention_logical_axes(config) -> dict:
-    axes = {
-        "q_proj": {"kernel": ("embed", "heads", "head_dim")},
-        "k_proj": {"kernel": ("embed", "kv_heads", "head_dim")},
-        "v_proj": {"kernel": ("embed", "kv_heads", "head_dim")},
-        "o_proj": {"kernel": ("heads", "head_dim", "embed")},
-    }
-    if config.attention_bias:
-        axes["q_proj"]["bias"] = ("heads", "head_dim")
-        axes["k_proj"]["bias"] = ("kv_heads", "head_dim")
-        axes["v_proj"]["bias"] = ("kv_heads", "head_dim")
-    if config.attention_out_bias:
-        axes["o_proj"]["bias"] = ("embed",)
-    if config.qk_norm:
-        axes["q_norm"] = {"scale": ("head_dim",)}
-        axes["k_norm"] = {"scale": ("head_dim",)}
-    return axes
+    def __call__(self, x_BTE, *, cos_sin, segment_ids, token_index, runtime, prefix_kv=None, return_kv=False,
+                 sliding_window=None):
+        """Normed input `x [B,T,E]` -> `[B,T,E]` (and this chunk's kv cache if `return_kv`).
+
+        `cos_sin` = `rope.rope_cos_sin(config, positions, dtype)`; `segment_ids [B,T]` (None = one document);
+        `token_index [B,T]` global indices (only used with `prefix_kv` / `return_kv`).
+        """
+        if return_kv:
+            attention_site.require_local(runtime, "return_kv (chunk-wise caches)")
+        q_BTHD, k_BTHD, v_BTHD = self.q_proj(x_BTE), self.k_proj(x_BTE), self.v_proj(x_BTE)
+        if self.q_norm is not None:
+            q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
+        cos, sin = cos_sin
+        q_BTHD, k_BTHD = apply_rope(q_BTHD, cos, sin), apply_rope(k_BTHD, cos, sin)
+        q_BTHD = runtime.constrain(q_BTHD, ("batch", "seq", "heads", "head_dim"))
+        k_BTHD = runtime.constrain(k_BTHD, ("batch", "seq", "kv_heads", "head_dim"))
+        v_BTHD = runtime.constrain(v_BTHD, ("batch", "seq", "kv_heads", "head_dim"))
+
+        scale = self.config.resolved_head_dim ** -0.5
+        if prefix_kv is not None:
+            seg_BT = segment_ids if segment_ids is not None else jnp.ones(token_index.shape, jnp.int32)
+            k_all, v_all, mask = _concat_prefix(prefix_kv, k_BTHD, v_BTHD, seg_BT, token_index)
+            out_BTHD = attention_site.softmax_attention(runtime, q_BTHD, k_all, v_all, segment_ids=None,
+                                                        sliding_window=sliding_window, scale=scale, prefix=mask)
+        else:
+            out_BTHD = attention_site.softmax_attention(runtime, q_BTHD, k_BTHD, v_BTHD, segment_ids=segment_ids,
+                                                        sliding_window=sliding_window, scale=scale)
+        out_BTHD = checkpoint_name(out_BTHD.astype(q_BTHD.dtype), ATTENTION_OUTPUT)
+        out_BTE = self.o_proj(out_BTHD)
+        if not return_kv:
+            return out_BTE
+        seg_BT = segment_ids if segment_ids is not None else jnp.ones(token_index.shape, jnp.int32)
+        kv = {"k": k_BTHD, "v": v_BTHD, "segment_ids": seg_BT.astype(jnp.int32), "token_index": token_index}
+        return out_BTE, kv
 
 
 def _concat_prefix(prefix_kv, k_BTHD, v_BTHD, segment_ids_BT, token_index_BT):
@@ -80,43 +92,3 @@ def _concat_prefix(prefix_kv, k_BTHD, v_BTHD, segment_ids_BT, token_index_BT):
         "kv_segment_ids": jnp.concatenate([prefix_kv["segment_ids"].astype(jnp.int32), segment_ids_BT], axis=1),
     }
     return k_all, v_all, mask
-
-
-def apply_attention(config, p, x_BTE, *, cos_sin, segment_ids, token_index, runtime, prefix_kv=None,
-                    return_kv=False, sliding_window=None):
-    """One attention layer on normed input `x [B,T,E]` -> `[B,T,E]` (and this chunk's kv cache if `return_kv`).
-
-    `cos_sin` = `rope.rope_cos_sin(config, positions, dtype)`; `segment_ids [B,T]` (None = one document);
-    `token_index [B,T]` global indices (only used with `prefix_kv` / `return_kv`).
-    """
-    if return_kv:
-        attention_site.require_local(runtime, "return_kv (chunk-wise caches)")
-    dt = config.dtype
-    q_BTHD = dense(x_BTE, p["q_proj"]["kernel"], p["q_proj"].get("bias"), dtype=dt)
-    k_BTHD = dense(x_BTE, p["k_proj"]["kernel"], p["k_proj"].get("bias"), dtype=dt)
-    v_BTHD = dense(x_BTE, p["v_proj"]["kernel"], p["v_proj"].get("bias"), dtype=dt)
-    if config.qk_norm:
-        q_BTHD = rms_norm(q_BTHD, p["q_norm"]["scale"], config.rms_norm_eps)
-        k_BTHD = rms_norm(k_BTHD, p["k_norm"]["scale"], config.rms_norm_eps)
-    cos, sin = cos_sin
-    q_BTHD, k_BTHD = apply_rope(q_BTHD, cos, sin), apply_rope(k_BTHD, cos, sin)
-    q_BTHD = runtime.constrain(q_BTHD, ("batch", "seq", "heads", "head_dim"))
-    k_BTHD = runtime.constrain(k_BTHD, ("batch", "seq", "kv_heads", "head_dim"))
-    v_BTHD = runtime.constrain(v_BTHD, ("batch", "seq", "kv_heads", "head_dim"))
-
-    scale = config.resolved_head_dim ** -0.5
-    if prefix_kv is not None:
-        seg_BT = segment_ids if segment_ids is not None else jnp.ones(token_index.shape, jnp.int32)
-        k_all, v_all, mask = _concat_prefix(prefix_kv, k_BTHD, v_BTHD, seg_BT, token_index)
-        out_BTHD = attention_site.softmax_attention(runtime, q_BTHD, k_all, v_all, segment_ids=None,
-                                                    sliding_window=sliding_window, scale=scale, prefix=mask)
-    else:
-        out_BTHD = attention_site.softmax_attention(runtime, q_BTHD, k_BTHD, v_BTHD, segment_ids=segment_ids,
-                                                    sliding_window=sliding_window, scale=scale)
-    out_BTHD = checkpoint_name(out_BTHD.astype(q_BTHD.dtype), ATTENTION_OUTPUT)
-    out_BTE = dense(out_BTHD, p["o_proj"]["kernel"], p["o_proj"].get("bias"), dtype=dt, contract=2)
-    if not return_kv:
-        return out_BTE
-    seg_BT = segment_ids if segment_ids is not None else jnp.ones(token_index.shape, jnp.int32)
-    kv = {"k": k_BTHD, "v": v_BTHD, "segment_ids": seg_BT.astype(jnp.int32), "token_index": token_index}
-    return out_BTE, kv

@@ -1,4 +1,6 @@
-"""Running a stack of identical layers: unrolled or `lax.scan` (`scan_layers`), with a `remat` policy.
+"""A stack of identical layers: built once with every parameter stacked on a leading `layers` axis (`stack_layers`,
+an `nnx.vmap` over the layer's constructor), run unrolled or with `lax.scan` (`scan_layers`) under a `remat`
+policy. A layer function sees one layer as a module again: `nnx.merge(graphdef, state_l)` of its slice.
 
 Layer params are always stored stacked (leading `layers` axis of length L), whichever way they run, so checkpoints
 do not depend on `scan_layers`. Per-layer chunk caches (SeCO `kv_prefix` / `return_kv`) are Python lists indexed by
@@ -9,10 +11,34 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from longtrain.models.attention import ATTENTION_OUTPUT
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_output")
+
+
+def stack_layers(make_layer, count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`count` layers made by `make_layer(rngs)`, as ONE module whose parameters are stacked on a leading axis named
+    `layers` in their metadata (each layer draws its own random keys)."""
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(layer_rngs):
+        return make_layer(layer_rngs)
+
+    return make(rngs)
+
+
+def layer_function(stack: nnx.Module, apply):
+    """(state [L, ...], `fn(x, state_l, prefix_l) -> (x, kv_l)`) of a stack: `fn` merges layer l's slice of the
+    state into a module and returns `apply(layer_module, x, prefix_l)`. Pure, so `run_layers` can scan and remat
+    it."""
+    graphdef, state = nnx.split(stack)
+
+    def fn(x, state_l, prefix_l):
+        return apply(nnx.merge(graphdef, state_l), x, prefix_l)
+
+    return state, fn
 
 
 def remat(fn, policy: str):

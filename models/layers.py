@@ -1,7 +1,10 @@
-"""Shared building blocks of every decoder (Llama family and the MiniMax hybrid): init helpers, dense, RMSNorm,
-embedding, SwiGLU MLP. Plain functions on nested-dict parameter pytrees.
+"""Shared building blocks of every decoder (Llama family and the MiniMax hybrid), as Flax NNX modules: `Linear`,
+`RMSNorm`, `Embed`, the SwiGLU `MLP`; and the math they run (`dense`, `rms_norm`), which other modules reuse on
+arrays they reshape first.
 
-Conventions: parameters are stored in `config.param_dtype` (fp32 by default); matmuls run in `config.dtype` with fp32
+Conventions: parameters are `nnx.Param`s stored in `config.param_dtype` (fp32 by default) whose metadata
+`out_sharding` holds their logical axis names (`parallel/sharding.py` maps names to mesh axes; Flax's eager
+sharding is off, so a model builds on one device with no mesh). Matmuls run in `config.dtype` with fp32
 accumulation, the result cast back to `config.dtype`. Kernels are stored input-major (`[in, ...out]`), so an HF
 `nn.Linear.weight [out, in]` maps to its transpose.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def dtype_of(name: str):
@@ -16,17 +20,24 @@ def dtype_of(name: str):
     return jnp.dtype(name)
 
 
-def normal_init(rng, shape, std: float, param_dtype: str):
-    """Truncation-free normal init, like `transformers` `initializer_range`."""
-    return (std * jax.random.normal(rng, shape, jnp.float32)).astype(dtype_of(param_dtype))
+def param(rngs: nnx.Rngs | None, shape: tuple, axes: tuple, config, init: str = "normal") -> nnx.Param:
+    """An `nnx.Param` of `shape` in `config.param_dtype` named by logical `axes`: normal with std
+    `config.init_std` (no truncation, like `transformers` `initializer_range`), or "ones" / "zeros"."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not name every dimension of a parameter of shape {shape}")
+    pdt = dtype_of(config.param_dtype)
+    if init == "normal":
+        value = (config.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(pdt)
+    elif init in ("ones", "zeros"):
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, pdt)
+    else:
+        raise ValueError(f"unknown parameter init {init!r}")
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
-def ones(shape, param_dtype: str):
-    return jnp.ones(shape, dtype_of(param_dtype))
-
-
-def zeros(shape, param_dtype: str):
-    return jnp.zeros(shape, dtype_of(param_dtype))
+def logical_axes_of(variable: nnx.Variable) -> tuple:
+    """The logical axis names a parameter was created with (leading `layers` for a stacked layer)."""
+    return tuple(variable.get_metadata().get("out_sharding") or (None,) * variable[...].ndim)
 
 
 def dense(x, kernel, bias=None, *, dtype: str, contract: int = 1):
@@ -48,47 +59,62 @@ def rms_norm(x, scale, eps: float):
     return (scale.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
 
 
-def embed(embedding_VE, tokens_BT, *, dtype: str):
-    """Token embedding lookup -> [B, T, E] in the compute dtype."""
-    return jnp.take(embedding_VE, tokens_BT, axis=0).astype(dtype_of(dtype))
+class Linear(nnx.Module):
+    """`kernel [*in_shape, *out_shape]` (+ optional `bias [*out_shape]`); called on x [..., *in_shape]."""
+
+    def __init__(self, in_shape: tuple, out_shape: tuple, in_axes: tuple, out_axes: tuple, config, *,
+                 rngs: nnx.Rngs, use_bias: bool = False):
+        self.dtype, self.contract = config.dtype, len(in_shape)
+        self.kernel = param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), config)
+        self.bias = param(None, tuple(out_shape), tuple(out_axes), config, init="zeros") if use_bias else None
+
+    def __call__(self, x):
+        bias = None if self.bias is None else self.bias[...]
+        return dense(x, self.kernel[...], bias, dtype=self.dtype, contract=self.contract)
 
 
-# ------------------------------------------------------------------------------------------------ SwiGLU MLP
-def init_mlp(config, rng, intermediate_size: int | None = None) -> dict:
-    """SwiGLU MLP params: gate/up `[E, F]`, down `[F, E]`, optional biases (`config.mlp_bias`)."""
-    E, F = config.hidden_size, intermediate_size or config.intermediate_size
-    r_gate, r_up, r_down = jax.random.split(rng, 3)
-    std, pdt = config.init_std, config.param_dtype
-    p = {
-        "gate_proj": {"kernel": normal_init(r_gate, (E, F), std, pdt)},
-        "up_proj": {"kernel": normal_init(r_up, (E, F), std, pdt)},
-        "down_proj": {"kernel": normal_init(r_down, (F, E), std, pdt)},
-    }
-    if config.mlp_bias:
-        p["gate_proj"]["bias"] = zeros((F,), pdt)
-        p["up_proj"]["bias"] = zeros((F,), pdt)
-        p["down_proj"]["bias"] = zeros((E,), pdt)
-    return p
+class RMSNorm(nnx.Module):
+    """`scale` of `shape` (ones), normalising over the last axis of its input."""
+
+    def __init__(self, shape: tuple, axes: tuple, config, eps: float):
+        self.eps = eps
+        self.scale = param(None, tuple(shape), tuple(axes), config, init="ones")
+
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], self.eps)
 
 
-def mlp_logical_axes(config) -> dict:
-    axes = {
-        "gate_proj": {"kernel": ("embed", "mlp")},
-        "up_proj": {"kernel": ("embed", "mlp")},
-        "down_proj": {"kernel": ("mlp", "embed")},
-    }
-    if config.mlp_bias:
-        axes["gate_proj"]["bias"] = ("mlp",)
-        axes["up_proj"]["bias"] = ("mlp",)
-        axes["down_proj"]["bias"] = ("embed",)
-    return axes
+class Embed(nnx.Module):
+    """Token embedding `embedding [V, E]`; the lookup gives [B, T, E] in the compute dtype."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.dtype = config.dtype
+        self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+
+    def lookup(self, table_VE, tokens_BT):
+        """Rows of `table_VE` (this module's table, or a resharded view of it: `attention_site.embedding_table`)."""
+        return jnp.take(table_VE, tokens_BT, axis=0).astype(dtype_of(self.dtype))
+
+    def __call__(self, tokens_BT):
+        return self.lookup(self.embedding[...], tokens_BT)
 
 
-def apply_mlp(config, p, x_BTE, runtime=None):
-    """down(silu(gate(x)) * up(x)) -> [B, T, E]."""
-    gate_BTF = dense(x_BTE, p["gate_proj"]["kernel"], p["gate_proj"].get("bias"), dtype=config.dtype)
-    up_BTF = dense(x_BTE, p["up_proj"]["kernel"], p["up_proj"].get("bias"), dtype=config.dtype)
-    h_BTF = jax.nn.silu(gate_BTF) * up_BTF
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`; gate/up `[E, F]`, down `[F, E]`, optional biases (`config.mlp_bias`)."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs, intermediate_size: int | None = None):
+        E, F, bias = config.hidden_size, intermediate_size or config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear((E,), (F,), ("embed",), ("mlp",), config, rngs=rngs, use_bias=bias)
+        self.up_proj = Linear((E,), (F,), ("embed",), ("mlp",), config, rngs=rngs, use_bias=bias)
+        self.down_proj = Linear((F,), (E,), ("mlp",), ("embed",), config, rngs=rngs, use_bias=bias)
+
+    def __call__(self, x_BTE, runtime=None):
+        return swiglu(x_BTE, self.gate_proj, self.up_proj, self.down_proj, runtime)
+
+
+def swiglu(x_BTE, gate, up, down, runtime=None):
+    """`down(silu(gate(x)) * up(x))` for callables gate/up/down (the `MLP`'s Linears, or one expert's matrices)."""
+    h_BTF = jax.nn.silu(gate(x_BTE)) * up(x_BTE)
     if runtime is not None:
         h_BTF = runtime.constrain(h_BTF, ("batch", "seq", "mlp"))
-    return dense(h_BTF, p["down_proj"]["kernel"], p["down_proj"].get("bias"), dtype=config.dtype)
+    return down(h_BTF)

@@ -1,4 +1,4 @@
-"""The MiniMax lightning-attention token mixer (transformers `MiniMaxLightningAttention`), as plain functions.
+"""The MiniMax lightning-attention token mixer (transformers `MiniMaxLightningAttention`), an NNX module.
 
     qkv_BTH3D = silu(x @ qkv)                 # one fused projection, per head laid out [q_h | k_h | v_h]
     o_BTHD    = lightning_attention(q, k, v, slope)   # decayed linear attention, no softmax, no scale
@@ -15,11 +15,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from longtrain.models import attention_site
 from longtrain.models.attention import ATTENTION_OUTPUT
-from longtrain.models.layers import dense, normal_init, ones, rms_norm
+from longtrain.models.layers import Linear, RMSNorm, rms_norm
 
 
 def lightning_slopes(num_heads: int, layer_index: int, num_layers: int) -> np.ndarray:
@@ -32,49 +33,37 @@ def lightning_slopes(num_heads: int, layer_index: int, num_layers: int) -> np.nd
     return (rate * depth_factor).astype(np.float32)
 
 
-def init_lightning(config, rng) -> dict:
-    """Params: `qkv.kernel [E, H, 3, D]`, `output_gate.kernel [E, H, D]`, `norm.scale [H, D]`,
-    `out_proj.kernel [H, D, E]` (HF Linear weights transposed, heads split out)."""
-    E, H, D = config.hidden_size, config.num_heads, config.resolved_head_dim
-    r_qkv, r_gate, r_out = jax.random.split(rng, 3)
-    std, pdt = config.init_std, config.param_dtype
-    return {
-        "qkv": {"kernel": normal_init(r_qkv, (E, H, 3, D), std, pdt)},
-        "output_gate": {"kernel": normal_init(r_gate, (E, H, D), std, pdt)},
-        "norm": {"scale": ones((H, D), pdt)},
-        "out_proj": {"kernel": normal_init(r_out, (H, D, E), std, pdt)},
-    }
+class Lightning(nnx.Module):
+    """The lightning token mixer of one layer. Params: `qkv.kernel [E, H, 3, D]`, `output_gate.kernel [E, H, D]`,
+    `norm.scale [H, D]`, `out_proj.kernel [H, D, E]` (HF Linear weights transposed, heads split out)."""
 
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        E, H, D = config.hidden_size, config.num_heads, config.resolved_head_dim
+        self.num_heads, self.head_dim, self.norm_eps = H, D, config.lightning_norm_eps
+        self.qkv = Linear((E,), (H, 3, D), ("embed",), ("heads", None, "head_dim"), config, rngs=rngs)
+        self.output_gate = Linear((E,), (H, D), ("embed",), ("heads", "head_dim"), config, rngs=rngs)
+        self.norm = RMSNorm((H, D), ("heads", "head_dim"), config, config.lightning_norm_eps)
+        self.out_proj = Linear((H, D), (E,), ("heads", "head_dim"), ("embed",), config, rngs=rngs)
 
-def lightning_logical_axes() -> dict:
-    return {
-        "qkv": {"kernel": ("embed", "heads", None, "head_dim")},
-        "output_gate": {"kernel": ("embed", "heads", "head_dim")},
-        "norm": {"scale": ("heads", "head_dim")},
-        "out_proj": {"kernel": ("heads", "head_dim", "embed")},
-    }
-
-
-def apply_lightning(config, p, x_BTE, *, slope_H, segment_ids, runtime, initial_state=None,
-                    return_state: bool = False):
-    """Lightning token mixer on normed input x [B, T, E] -> [B, T, E] (and the fp32 state [B, H, D, D] at the last
-    token when `return_state`; `initial_state` feeds the first document run, see `kernels.lightning_attention`).
-    `slope_H` = `lightning_slopes(...)` of this layer (an array, so a layer scan can carry it)."""
-    B, T, _ = x_BTE.shape
-    H, D = config.num_heads, config.resolved_head_dim
-    qkv_BTH3D = jax.nn.silu(dense(x_BTE, p["qkv"]["kernel"], dtype=config.dtype))
-    if segment_ids is not None:
-        qkv_BTH3D = jnp.where((segment_ids != 0)[:, :, None, None, None], qkv_BTH3D, 0)
-    q_BTHD, k_BTHD, v_BTHD = qkv_BTH3D[:, :, :, 0], qkv_BTH3D[:, :, :, 1], qkv_BTH3D[:, :, :, 2]
-    q_BTHD, k_BTHD, v_BTHD = (runtime.constrain(t, ("batch", "seq", "heads", "head_dim"))
-                              for t in (q_BTHD, k_BTHD, v_BTHD))
-    result = attention_site.lightning_attention(runtime, q_BTHD, k_BTHD, v_BTHD, slope_H, segment_ids=segment_ids,
-                                                initial_state=initial_state, return_state=return_state)
-    o_BTHD, state = result if return_state else (result, None)
-    o_BTHD = checkpoint_name(o_BTHD, ATTENTION_OUTPUT)  # kept by remat="save_attention_output", like softmax layers
-    # RMSNorm over all heads jointly (one H*D-wide vector per token), as transformers does
-    o_BTF = rms_norm(o_BTHD.reshape(B, T, H * D), p["norm"]["scale"].reshape(H * D), config.lightning_norm_eps)
-    gate_BTF = jax.nn.sigmoid(dense(x_BTE, p["output_gate"]["kernel"], dtype=config.dtype)).reshape(B, T, H * D)
-    y_BTHD = (gate_BTF * o_BTF).reshape(B, T, H, D)
-    y_BTE = dense(y_BTHD, p["out_proj"]["kernel"], dtype=config.dtype, contract=2)
-    return (y_BTE, state) if return_state else y_BTE
+    def __call__(self, x_BTE, *, slope_H, segment_ids, runtime, initial_state=None, return_state: bool = False):
+        """Normed input x [B, T, E] -> [B, T, E] (and the fp32 state [B, H, D, D] at the last token when
+        `return_state`; `initial_state` feeds the first document run, see `kernels.lightning_attention`).
+        `slope_H` = `lightning_slopes(...)` of this layer (an array, so a layer scan can carry it)."""
+        B, T, _ = x_BTE.shape
+        H, D = self.num_heads, self.head_dim
+        qkv_BTH3D = jax.nn.silu(self.qkv(x_BTE))
+        if segment_ids is not None:
+            qkv_BTH3D = jnp.where((segment_ids != 0)[:, :, None, None, None], qkv_BTH3D, 0)
+        q_BTHD, k_BTHD, v_BTHD = qkv_BTH3D[:, :, :, 0], qkv_BTH3D[:, :, :, 1], qkv_BTH3D[:, :, :, 2]
+        q_BTHD, k_BTHD, v_BTHD = (runtime.constrain(t, ("batch", "seq", "heads", "head_dim"))
+                                  for t in (q_BTHD, k_BTHD, v_BTHD))
+        result = attention_site.lightning_attention(runtime, q_BTHD, k_BTHD, v_BTHD, slope_H,
+                                                    segment_ids=segment_ids, initial_state=initial_state,
+                                                    return_state=return_state)
+        o_BTHD, state = result if return_state else (result, None)
+        o_BTHD = checkpoint_name(o_BTHD, ATTENTION_OUTPUT)  # kept by remat="save_attention_output", like softmax
+        # RMSNorm over all heads jointly (one H*D-wide vector per token), as transformers does
+        o_BTF = rms_norm(o_BTHD.reshape(B, T, H * D), self.norm.scale[...].reshape(H * D), self.norm_eps)
+        gate_BTF = jax.nn.sigmoid(self.output_gate(x_BTE)).reshape(B, T, H * D)
+        y_BTE = self.out_proj((gate_BTF * o_BTF).reshape(B, T, H, D))
+        return (y_BTE, state) if return_state else y_BTE

@@ -1,4 +1,5 @@
-"""The MiniMax hybrid decoder (transformers `MiniMaxForCausalLM`): lightning and softmax layers with MoE MLPs.
+"""The MiniMax hybrid decoder (transformers `MiniMaxForCausalLM`) as Flax NNX modules: lightning and softmax
+layers with MoE MLPs.
 
 Each layer (`config.layer_types[l]` = "linear_attention" -> lightning, "full_attention" -> softmax), with the
 residual taken AFTER the input norm, as transformers does:
@@ -9,7 +10,7 @@ residual taken AFTER the input norm, as transformers does:
 then a final RMSNorm and the LM head. Softmax layers are `models/attention.py` (RoPE, GQA, optional sliding window);
 lightning layers are `models/lightning_block.py`; the MLP is `models/moe.py`.
 
-Params (nested dicts, `config.param_dtype`), every per-layer leaf stacked on a leading `layers` axis:
+State (`nnx.to_pure_dict` keys, `config.param_dtype`), every per-layer leaf stacked on a leading `layers` axis:
     embed.embedding [V, E], final_norm.scale [E], lm_head.kernel [E, V] (absent when tied)
     layers.input_norm.scale [L, E], layers.post_attn_norm.scale [L, E], layers.moe.* [L, ...] (moe.py)
     layers.lightning.* [L_lin, ...] (lightning_block.py; the lightning layers in layer order; absent if none)
@@ -31,23 +32,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from longtrain.models import attention_site
-from longtrain.models.attention import apply_attention, attention_logical_axes, init_attention
-from longtrain.models.decoder import (check_prefix_rope, default_indices, embed_and_head_logical_axes,
-                                      init_embed_and_head, lm_head_weight)
-from longtrain.models.layer_stack import StackedCaches, layer_slice, remat, stacked_layer_fn
-from longtrain.models.layers import dtype_of, embed, ones, rms_norm
-from longtrain.models.lightning_block import apply_lightning, init_lightning, lightning_logical_axes, lightning_slopes
-from longtrain.models.moe import init_moe, moe_logical_axes, moe_mlp
-from longtrain.models.rope import rope_cos_sin
+from longtrain.models.attention import Attention
+from longtrain.models.decoder import CausalLM, LayerInputs, check_heads
+from longtrain.models.layer_stack import StackedCaches, layer_slice, remat, stack_layers, stacked_layer_fn
+from longtrain.models.layers import RMSNorm
+from longtrain.models.lightning_block import Lightning, lightning_slopes
+from longtrain.models.moe import MoE
 
 LINEAR, FULL = "linear_attention", "full_attention"
-# `forward_hidden(kv_prefix=...)` also takes a `layer_stack.StackedCaches` (softmax K/V stacked, lightning states as
-# its `side` caches): chunk-wise training then uses its stacked in-place layout (longtrain/chunkwise/engine.py)
-ACCEPTS_STACKED_CACHES = True
-
-__all__ = ["forward_hidden", "init", "layer_period", "lm_head_weight", "param_logical_axes", "resolved_layer_types"]
+__all__ = ["MiniMax", "MiniMaxLayers", "index_within_type", "layer_period", "resolved_layer_types"]
 
 
 def resolved_layer_types(config) -> list[str]:
@@ -69,9 +64,7 @@ def check_config(config) -> None:
     if not 1 <= config.experts_per_token <= config.num_experts:
         raise ValueError(f"model.experts_per_token={config.experts_per_token} must be in "
                          f"[1, model.num_experts={config.num_experts}]")
-    if config.num_heads % config.num_kv_heads:
-        raise ValueError(f"model.num_heads={config.num_heads} is not a multiple of "
-                         f"model.num_kv_heads={config.num_kv_heads} (GQA)")
+    check_heads(config)
 
 
 def layer_period(layer_types: list[str]) -> int:
@@ -81,8 +74,6 @@ def layer_period(layer_types: list[str]) -> int:
         if L % P == 0 and all(layer_types[i] == layer_types[i % P] for i in range(L)):
             return P
     return L
-
-
 
 
 def index_within_type(layer_types: list[str]) -> list[int]:
@@ -99,35 +90,38 @@ def _mixer_key(layer_type: str) -> str:
     return "lightning" if layer_type == LINEAR else "attn"
 
 
-# --------------------------------------------------------------------------------------------------- params
-def init(config, rng) -> dict:
-    check_config(config)
-    types = resolved_layer_types(config)
-    L, E, pdt = config.num_layers, config.hidden_size, config.param_dtype
-    r_outer, r_moe, r_lin, r_attn = jax.random.split(rng, 4)
-    params = init_embed_and_head(config, r_outer)
-    layers = {"input_norm": {"scale": ones((L, E), pdt)}, "post_attn_norm": {"scale": ones((L, E), pdt)},
-              "moe": jax.vmap(lambda r: init_moe(config, r))(jax.random.split(r_moe, L))}
-    for layer_type, r, init_fn in ((LINEAR, r_lin, init_lightning), (FULL, r_attn, init_attention)):
-        count = types.count(layer_type)
-        if count:
-            layers[_mixer_key(layer_type)] = jax.vmap(lambda r, f=init_fn: f(config, r))(jax.random.split(r, count))
-    params["layers"] = layers
-    return params
+# --------------------------------------------------------------------------------------------------- modules
+class MiniMaxLayers(nnx.Module):
+    """Every layer's parameters, stacked by kind (see the module docstring): the norms and MoE of all L layers, the
+    lightning mixers of the lightning layers and the attention of the softmax layers, each in layer order."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        types, L, E, eps = resolved_layer_types(config), config.num_layers, config.hidden_size, config.rms_norm_eps
+        self.input_norm = stack_layers(lambda r: RMSNorm((E,), ("embed",), config, eps), L, rngs)
+        self.post_attn_norm = stack_layers(lambda r: RMSNorm((E,), ("embed",), config, eps), L, rngs)
+        self.moe = stack_layers(lambda r: MoE(config, rngs=r), L, rngs)
+        n_lin, n_full = types.count(LINEAR), types.count(FULL)
+        self.lightning = stack_layers(lambda r: Lightning(config, rngs=r), n_lin, rngs) if n_lin else None
+        self.attn = stack_layers(lambda r: Attention(config, rngs=r), n_full, rngs) if n_full else None
 
 
-def param_logical_axes(config) -> dict:
-    types = resolved_layer_types(config)
-    layer_axes = {"input_norm": {"scale": ("embed",)}, "post_attn_norm": {"scale": ("embed",)},
-                  "moe": moe_logical_axes()}
-    if LINEAR in types:
-        layer_axes["lightning"] = lightning_logical_axes()
-    if FULL in types:
-        layer_axes["attn"] = attention_logical_axes(config)
-    axes = embed_and_head_logical_axes(config)
-    axes["layers"] = jax.tree.map(lambda names: ("layers", *names), layer_axes,
-                                  is_leaf=lambda t: isinstance(t, tuple))
-    return axes
+class MiniMax(CausalLM):
+    """The MiniMax hybrid: `MiniMax(config, rngs=nnx.Rngs(0))(tokens) -> logits`."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        check_config(config)
+        super().__init__(config, rngs=rngs)
+        self.layers = MiniMaxLayers(config, rngs=rngs)
+
+    def hidden(self, tokens_BT, *, positions=None, segment_ids=None, runtime=None, token_index=None,
+               kv_prefix=None, return_kv=False):
+        """tokens [B,T] -> final-norm hidden states [B,T,E] (and per-layer caches when `return_kv`)."""
+        x_BTE, inputs = self.embed_inputs(tokens_BT, positions=positions, segment_ids=segment_ids,
+                                          runtime=runtime, token_index=token_index, kv_prefix=kv_prefix,
+                                          return_kv=return_kv)
+        x_BTE, kvs = _run_hybrid_layers(self.config, self.layers, x_BTE, inputs, kv_prefix)
+        hidden_BTE = self.final_norm(x_BTE)
+        return (hidden_BTE, kvs) if return_kv else hidden_BTE
 
 
 # -------------------------------------------------------------------------------------------------- forward
@@ -144,44 +138,43 @@ def _lightning_initial_state(prefix_l, segment_ids_BT):
     return jnp.where(continues_B[:, None, None, None], state, 0.0)
 
 
-def _make_layer_fn(config, layer_type: str, *, cos_sin, segment_ids, token_index, runtime, return_kv):
-    """layer(x, common_p, mixer_p, slope_H, prefix_l) -> (x, kv_l) for one layer of the given type (not remat'ed)."""
-    eps = config.rms_norm_eps
+def _make_layer_fn(config, layer_type: str, graphdefs: dict, inputs: LayerInputs):
+    """layer(x, common_p, mixer_p, slope_H, prefix_l) -> (x, kv_l) for one layer of the given type (not remat'ed):
+    `common_p` = this layer's (input_norm, post_attn_norm, moe) states, `mixer_p` its lightning or attention
+    state; each is merged back into its module (`graphdefs`)."""
     if layer_type == LINEAR:
         alpha, beta = config.linear_attn_alpha_factor, config.linear_attn_beta_factor
     else:
         alpha, beta = config.full_attn_alpha_factor, config.full_attn_beta_factor
+    segment_ids, runtime, return_kv = inputs.segment_ids, inputs.runtime, inputs.return_kv
 
     def layer(x_BTE, common_p, mixer_p, slope_H, prefix_l):
-        h_BTE = rms_norm(x_BTE, common_p["input_norm"]["scale"], eps)
+        input_norm, post_attn_norm, moe = (nnx.merge(g, p) for g, p in zip(graphdefs["common"], common_p))
+        mixer = nnx.merge(graphdefs[layer_type], mixer_p)
+        h_BTE = input_norm(x_BTE)
         kv = None
         if layer_type == LINEAR:
             init_state = None if prefix_l is None else _lightning_initial_state(prefix_l, segment_ids)
-            mixed = apply_lightning(config, mixer_p, h_BTE, slope_H=slope_H, segment_ids=segment_ids,
-                                    runtime=runtime, initial_state=init_state, return_state=return_kv)
+            mixed = mixer(h_BTE, slope_H=slope_H, segment_ids=segment_ids, runtime=runtime,
+                          initial_state=init_state, return_state=return_kv)
             if return_kv:
                 mixed, state = mixed
                 last_seg = (segment_ids[:, -1] if segment_ids is not None
                             else jnp.ones(x_BTE.shape[:1], jnp.int32)).astype(jnp.int32)
                 kv = {"state": state, "last_segment_id": last_seg}
         else:
-            mixed = apply_attention(config, mixer_p, h_BTE, cos_sin=cos_sin, segment_ids=segment_ids,
-                                    token_index=token_index, runtime=runtime, prefix_kv=prefix_l,
-                                    return_kv=return_kv, sliding_window=config.sliding_window)
+            mixed = mixer(h_BTE, cos_sin=inputs.cos_sin, segment_ids=segment_ids, token_index=inputs.token_index,
+                          runtime=runtime, prefix_kv=prefix_l, return_kv=return_kv,
+                          sliding_window=config.sliding_window)
             if return_kv:
                 mixed, kv = mixed
         # the residual is the NORMED input (transformers MiniMaxDecoderLayer), scaled by alpha
         x_BTE = alpha * h_BTE + beta * mixed
-        h_BTE = rms_norm(x_BTE, common_p["post_attn_norm"]["scale"], eps)
-        moe_BTE = moe_mlp(config, common_p["moe"], h_BTE, runtime=runtime)
-        x_BTE = config.mlp_alpha_factor * h_BTE + config.mlp_beta_factor * moe_BTE
+        h_BTE = post_attn_norm(x_BTE)
+        x_BTE = config.mlp_alpha_factor * h_BTE + config.mlp_beta_factor * moe(h_BTE, runtime=runtime)
         return runtime.constrain(x_BTE.astype(h_BTE.dtype), ("batch", "seq", "embed")), kv
 
     return layer
-
-
-def _split_common(layers):
-    return {k: layers[k] for k in ("input_norm", "post_attn_norm", "moe")}
 
 
 def _check_prefix(kv_prefix, types: list[str]) -> None:
@@ -203,23 +196,21 @@ def _stacked_softmax_fn(layer, kv_prefix: StackedCaches, remat_policy: str, pick
     return stacked_layer_fn(lambda x, p, prefix_l: layer(x, *p, prefix_l), kv_prefix, remat_policy, pick)
 
 
-def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, runtime=None, token_index=None,
-                   kv_prefix=None, return_kv=False):
-    """tokens [B,T] -> final-norm hidden states [B,T,E] (and per-layer caches when `return_kv`)."""
-    check_config(config)
-    check_prefix_rope(config, kv_prefix, return_kv)
+def _run_hybrid_layers(config, layers: MiniMaxLayers, x_BTE, inputs: LayerInputs, kv_prefix):
+    """All L layers (unrolled, or scanned over the repeats of the layer period) -> (x [B,T,E], caches or None)."""
     types = resolved_layer_types(config)
-    L, P = config.num_layers, layer_period(types)
+    L, P, return_kv = config.num_layers, layer_period(types), inputs.return_kv
     R = L // P
     _check_prefix(kv_prefix, types)
     stacked = isinstance(kv_prefix, StackedCaches)
-    runtime = attention_site.resolve_runtime(config, runtime)
-    positions, token_index = default_indices(tokens, positions, token_index)
-    x_BTE = embed(attention_site.embedding_table(runtime, params), tokens, dtype=config.dtype)
-    x_BTE = runtime.constrain(x_BTE, ("batch", "seq", "embed"))
-    cos_sin = rope_cos_sin(config, positions, dtype_of(config.dtype))
-    raw_fns = {t: _make_layer_fn(config, t, cos_sin=cos_sin, segment_ids=segment_ids, token_index=token_index,
-                                 runtime=runtime, return_kv=return_kv) for t in set(types)}
+    # the stacked modules as (graphdef, state [n, ...]); a layer merges its slices back into modules
+    split = {name: nnx.split(getattr(layers, name)) for name in ("input_norm", "post_attn_norm", "moe")}
+    graphdefs = {"common": tuple(split[n][0] for n in ("input_norm", "post_attn_norm", "moe"))}
+    common = tuple(split[n][1] for n in ("input_norm", "post_attn_norm", "moe"))
+    mixer_states = {}
+    for t in set(types):
+        graphdefs[t], mixer_states[t] = nnx.split(getattr(layers, _mixer_key(t)))
+    raw_fns = {t: _make_layer_fn(config, t, graphdefs, inputs) for t in set(types)}
     layer_fns = {t: remat(f, config.remat) for t, f in raw_fns.items()}
     within = index_within_type(types)
     # per layer, the cache it reads from a list prefix or a StackedCaches' side list (None for stacked softmax)
@@ -233,16 +224,13 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
     for l in range(L):
         if types[l] == LINEAR:
             slopes_LH[l] = lightning_slopes(config.num_heads, l, L)
-    layers = params["layers"]
-    common = _split_common(layers)
-
     if not config.scan_layers:
         kvs = []
         softmax_fn = None
         if stacked and FULL in types:
             softmax_fn = _stacked_softmax_fn(raw_fns[FULL], kv_prefix, config.remat)
         for l, t in enumerate(types):
-            layer_p = (layer_slice(common, l), layer_slice(layers[_mixer_key(t)], within[l]), jnp.asarray(slopes_LH[l]))
+            layer_p = (layer_slice(common, l), layer_slice(mixer_states[t], within[l]), jnp.asarray(slopes_LH[l]))
             with jax.named_scope(f"layer_{l}"):  # op names say which layer (`plan --explain`, profiles)
                 if stacked and t == FULL:
                     x_BTE, sink, kv = softmax_fn(x_BTE, sink, layer_p, layer_slice(kv_prefix.stacked, within[l]),
@@ -254,7 +242,7 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
         def per_repeat(tree):  # [R * n, ...] -> [R, n, ...] (a free reshape)
             return jax.tree.map(lambda a: a.reshape(R, a.shape[0] // R, *a.shape[1:]), tree)
 
-        mixers = {t: per_repeat(layers[_mixer_key(t)]) for t in set(types)}
+        mixers = {t: per_repeat(mixer_states[t]) for t in set(types)}
         # position j of the period -> caches of layers j, j+P, ... stacked over R (lists are small or O(layers);
         # a StackedCaches' softmax stack is instead viewed as [R, softmax per period, ...], no copy)
         prefix_P = [None if prefix_L[j] is None else jax.tree.map(lambda *a: jnp.stack(a), *prefix_L[j::P])
@@ -315,5 +303,4 @@ def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, 
 
     if stacked:
         kv_prefix.grad_sink_out = sink
-    hidden_BTE = rms_norm(x_BTE, params["final_norm"]["scale"], config.rms_norm_eps)
-    return (hidden_BTE, kvs) if return_kv else hidden_BTE
+    return x_BTE, kvs

@@ -24,36 +24,52 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from longtrain.models.layers import apply_mlp, dense, dtype_of, normal_init
+from longtrain.models.layers import Linear, dense, dtype_of, param, swiglu
 
 MOE_IMPLS = ("dense", "ragged")
 
 
-def init_moe(config, rng) -> dict:
-    """Random MoE parameters (normal, std `config.init_std`, as transformers initialises MiniMax experts)."""
-    E, I, X = config.hidden_size, config.intermediate_size, config.num_experts
-    r_router, r_gate, r_up, r_down = jax.random.split(rng, 4)
-    std, pdt = config.init_std, config.param_dtype
-    return {
-        "router": {"kernel": normal_init(r_router, (E, X), std, pdt)},
-        "experts": {
-            "gate": normal_init(r_gate, (X, E, I), std, pdt),
-            "up": normal_init(r_up, (X, E, I), std, pdt),
-            "down": normal_init(r_down, (X, I, E), std, pdt),
-        },
-    }
+class Experts(nnx.Module):
+    """The stacked expert matrices: `gate [X, E, I]`, `up [X, E, I]`, `down [X, I, E]`."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        E, I, X = config.hidden_size, config.intermediate_size, config.num_experts
+        self.gate = param(rngs, (X, E, I), ("experts", "embed", "mlp"), config)
+        self.up = param(rngs, (X, E, I), ("experts", "embed", "mlp"), config)
+        self.down = param(rngs, (X, I, E), ("experts", "mlp", "embed"), config)
 
 
-def moe_logical_axes() -> dict:
-    return {
-        "router": {"kernel": ("embed", None)},
-        "experts": {
-            "gate": ("experts", "embed", "mlp"),
-            "up": ("experts", "embed", "mlp"),
-            "down": ("experts", "mlp", "embed"),
-        },
-    }
+class MoE(nnx.Module):
+    """The MoE layer: router `[E, X]` and the experts (normal init, std `config.init_std`, as transformers
+    initialises MiniMax experts)."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        if config.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"model.moe_impl={config.moe_impl!r} is not a MoE implementation; expected one of "
+                             f"{MOE_IMPLS}")
+        self.config = config
+        self.router = Linear((config.hidden_size,), (config.num_experts,), ("embed",), (None,), config, rngs=rngs)
+        self.experts = Experts(config, rngs=rngs)
+
+    def __call__(self, x_BTE, *, runtime=None):
+        """x [B, T, E] -> [B, T, E] in the compute dtype (`config.dtype`)."""
+        config = self.config
+        weights = (self.router.kernel[...], self.experts.gate[...], self.experts.up[...], self.experts.down[...])
+        # Routing is per token, so each device can route its own tokens: under a mesh the ragged dispatch runs in a
+        # shard_map over the token shards (the expert weights are gathered as FSDP gathers any weight), so its
+        # sort, gather and scatter never leave the device. Left to GSPMD, the [B*T] sort over a sharded token axis
+        # became a global sort with all-reduces of every token. One expert needs no routing (dense path).
+        mesh = getattr(runtime, "mesh", None)
+        ragged = config.moe_impl == "ragged" and config.num_experts > 1
+        if ragged and mesh is not None and mesh.size > 1 and dict(mesh.shape).get("tensor", 1) == 1:
+            out = _tokens_per_device(config, weights, x_BTE, mesh)
+        else:  # one device; dense; or tensor parallelism (expert matrices split over `tensor`: GSPMD places them)
+            out = _moe_tokens(config, weights, x_BTE, ragged)
+        if runtime is not None:
+            out = runtime.constrain(out, ("batch", "seq", "embed"))
+        return out
 
 
 def _accum_dtype(dtype):
@@ -72,52 +88,31 @@ def route(router_logits_NX, top_k: int):
     return top_idx.astype(jnp.int32), top_w
 
 
-def moe_mlp(config, params, x_BTE, *, runtime=None):
-    """The MoE layer: x [B, T, E] -> [B, T, E] in the compute dtype (`config.dtype`)."""
-    impl = config.moe_impl
-    if impl not in MOE_IMPLS:
-        raise ValueError(f"model.moe_impl={impl!r} is not a MoE implementation; expected one of {MOE_IMPLS}")
-    # Routing is per token, so each device can route its own tokens: under a mesh the ragged dispatch runs in a
-    # shard_map over the token shards (the expert weights are gathered as FSDP gathers any weight), so its sort,
-    # gather and scatter never leave the device. Left to GSPMD, the [B*T] sort over a sharded token axis became a
-    # global sort with all-reduces of every token. One expert needs no routing at all (dense path, same function).
-    mesh = getattr(runtime, "mesh", None)
-    ragged = impl == "ragged" and config.num_experts > 1
-    if ragged and mesh is not None and mesh.size > 1 and dict(mesh.shape).get("tensor", 1) == 1:
-        out = _tokens_per_device(config, params, x_BTE, mesh)
-    else:  # one device; dense; or tensor parallelism (expert matrices split over `tensor`: GSPMD places them)
-        out = _moe_tokens(config, params, x_BTE, ragged)
-    if runtime is not None:
-        out = runtime.constrain(out, ("batch", "seq", "embed"))
-    return out
-
-
-def _moe_tokens(config, params, x_BTE, ragged: bool):
-    """Route and run the experts for the tokens of x [B, T, E] (all of them, or one device's)."""
-    cdt = dtype_of(config.dtype)
+def _moe_tokens(config, weights, x_BTE, ragged: bool):
+    """Route and run the experts for the tokens of x [B, T, E] (all of them, or one device's); `weights` =
+    (router [E, X], gate [X, E, I], up [X, E, I], down [X, I, E])."""
+    router_EX, gate_XEI, up_XEI, down_XIE = weights
+    cdt, dt = dtype_of(config.dtype), config.dtype
     B, T, E = x_BTE.shape
     x_NE = x_BTE.astype(cdt).reshape(B * T, E)
-    logits_NX = dense(x_NE, params["router"]["kernel"], dtype=config.dtype)
-    top_idx_NK, top_w_NK = route(logits_NX, config.experts_per_token)
     if config.num_experts == 1:  # the routing weight is exactly 1: a plain SwiGLU MLP, the Llama MLP's code
-        only = {name: {"kernel": params["experts"][key][0]}
-                for name, key in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))}
-        return apply_mlp(config, only, x_NE).reshape(B, T, E)
-    gate, up, down = (params["experts"][n].astype(cdt) for n in ("gate", "up", "down"))
+        gate, up, down = (lambda h, w=w[0]: dense(h, w, dtype=dt) for w in (gate_XEI, up_XEI, down_XIE))
+        return swiglu(x_NE, gate, up, down).reshape(B, T, E)
+    top_idx_NK, top_w_NK = route(dense(x_NE, router_EX, dtype=dt), config.experts_per_token)
     experts = _ragged_experts if ragged else _dense_experts
-    return experts(x_NE, gate, up, down, top_idx_NK, top_w_NK).astype(cdt).reshape(B, T, E)
+    out = experts(x_NE, *(w.astype(cdt) for w in (gate_XEI, up_XEI, down_XIE)), top_idx_NK, top_w_NK)
+    return out.astype(cdt).reshape(B, T, E)
 
 
-def _tokens_per_device(config, params, x_BTE, mesh):
+def _tokens_per_device(config, weights, x_BTE, mesh):
     from jax.sharding import PartitionSpec as P
 
     from longtrain.parallel.sharding import activation_spec
 
     spec_BTE = activation_spec(("batch", "seq", "embed"), x_BTE.shape, mesh)
-    replicated = jax.tree.map(lambda _: P(), params)
-    local = lambda p, x: _moe_tokens(config, p, x, ragged=True)  # noqa: E731
-    return jax.shard_map(local, mesh=mesh, in_specs=(replicated, spec_BTE), out_specs=spec_BTE,
-                         check_vma=False)(params, x_BTE)
+    local = lambda w, x: _moe_tokens(config, w, x, ragged=True)  # noqa: E731
+    return jax.shard_map(local, mesh=mesh, in_specs=((P(),) * len(weights), spec_BTE), out_specs=spec_BTE,
+                         check_vma=False)(weights, x_BTE)
 
 
 def _dense_experts(x_NE, gate_XEI, up_XEI, down_XIE, top_idx_NK, top_w_NK):

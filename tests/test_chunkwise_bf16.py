@@ -56,7 +56,7 @@ def test_seco_bf16_gradient_matches_fp32_oracle(config):
 
 def test_architecture_without_stacked_caches_is_refused_by_name(monkeypatch):
     """Softmax K/V reach a model only as a StackedCaches: an architecture that does not take one is refused."""
-    monkeypatch.delattr(get_architecture("minimax"), "ACCEPTS_STACKED_CACHES")
+    monkeypatch.setattr(get_architecture("minimax"), "ACCEPTS_STACKED_CACHES", False)
     params = jax.eval_shape(lambda: models.init(MINIMAX, jax.random.PRNGKey(0)))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(24, MINIMAX.vocab_size))
     with pytest.raises(NotImplementedError, match="'minimax'.*ACCEPTS_STACKED_CACHES"):

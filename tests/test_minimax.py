@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -17,7 +18,7 @@ from longtrain.config import ModelConfig  # noqa: E402
 from longtrain.hf.minimax import MINIMAX  # noqa: E402
 from longtrain.hf.safetensors_io import SafetensorsReader  # noqa: E402
 from longtrain.models import attention_site, minimax, moe  # noqa: E402
-from longtrain.models.lightning_block import apply_lightning, lightning_slopes  # noqa: E402
+from longtrain.models.lightning_block import Lightning, lightning_slopes  # noqa: E402
 
 E, H, D, I = 32, 4, 8, 24
 MIXED = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
@@ -68,6 +69,11 @@ def hf_logits(model, tokens):
         return model(torch.tensor(np.asarray(tokens))).logits.numpy()
 
 
+def holding(make, params):
+    """The module `make()` builds, holding `params` (a pure dict of its state) instead of random values."""
+    return nnx.merge(nnx.graphdef(nnx.eval_shape(make)), params)
+
+
 def assert_close(ours, ref, tol=1e-4):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     scale = max(1.0, float(np.abs(ref).max()))
@@ -110,8 +116,9 @@ def test_lightning_block_matches_transformers_module(layer_index):
         "out_proj": {"kernel": jnp.asarray(block.out_proj.weight.detach().numpy().T.reshape(H, D, E))},
     }
     slope_H = jnp.asarray(lightning_slopes(H, layer_index, 3))
-    ours = jax.jit(lambda p, x: apply_lightning(ours_cfg, p, x, slope_H=slope_H, segment_ids=None,
-                                                runtime=attention_site.LocalRuntime()))(params, jnp.asarray(x.numpy()))
+    make = lambda: Lightning(ours_cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    ours = jax.jit(lambda p, x: holding(make, p)(x, slope_H=slope_H, segment_ids=None,
+                                                 runtime=attention_site.LocalRuntime()))(params, jnp.asarray(x.numpy()))
     assert_close(ours, ref, tol=1e-5)
 
 
@@ -135,20 +142,22 @@ def test_moe_matches_transformers_module(num_experts, top_k, impl):
     with torch.no_grad():
         ref = block(x.clone()).numpy()
     cfg = small_config(num_experts=num_experts, experts_per_token=top_k, moe_impl=impl)
-    ours = jax.jit(lambda p, x: moe.moe_mlp(cfg, p, x))(_moe_params_from_hf(block), jnp.asarray(x.numpy()))
+    make = lambda: moe.MoE(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    ours = jax.jit(lambda p, x: holding(make, p)(x))(_moe_params_from_hf(block), jnp.asarray(x.numpy()))
     assert_close(ours, ref, tol=1e-5)
 
 
 def test_moe_ragged_gradient_equals_dense():
     cfg = small_config(num_experts=4, experts_per_token=2)
-    params = moe.init_moe(dataclasses.replace(cfg, init_std=0.3), jax.random.key(1))
+    params = nnx.to_pure_dict(nnx.state(moe.MoE(dataclasses.replace(cfg, init_std=0.3), rngs=nnx.Rngs(1))))
     x = jax.random.normal(jax.random.key(2), (2, 16, E))
     cot = jax.random.normal(jax.random.key(3), (2, 16, E))
 
     @jax.jit
     def vjp_both(params, x, cot):
         def one(impl):
-            out, pull = jax.vjp(lambda p, x: moe.moe_mlp(dataclasses.replace(cfg, moe_impl=impl), p, x), params, x)
+            make = lambda: moe.MoE(dataclasses.replace(cfg, moe_impl=impl), rngs=nnx.Rngs(0))  # noqa: E731
+            out, pull = jax.vjp(lambda p, x: holding(make, p)(x), params, x)
             return out, pull(cot)
         return one("dense"), one("ragged")
 

@@ -94,12 +94,14 @@ def test_ragged_moe_routes_each_devices_tokens_locally():
     the expert weights' gradient is reduced). The global sort it replaced all-reduced every token."""
     from jax.sharding import NamedSharding
 
-    from longtrain.models.moe import init_moe, moe_mlp
+    from flax import nnx
+
+    from longtrain.models.moe import MoE
     from longtrain.parallel.hlo_comm import collective_bytes, total_bytes
     from longtrain.parallel.sharding import activation_spec
 
     config = ModelConfig(**CONFIGS["minimax_moe"])
-    params = init_moe(config, jax.random.PRNGKey(0))
+    graphdef, params = nnx.split(MoE(config, rngs=nnx.Rngs(0)))
     mesh = make_mesh(data=2, context=4)
     runtime = ParallelRuntime(mesh, strategy="ring", layout="zigzag", attention_impl="reference")
 
@@ -107,7 +109,7 @@ def test_ragged_moe_routes_each_devices_tokens_locally():
         shape = (4, T, config.hidden_size)
         x = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(
             mesh, activation_spec(("batch", "seq", "embed"), shape, mesh)))
-        loss = lambda p, x: jnp.sum(moe_mlp(config, p, x, runtime=runtime) ** 2)  # noqa: E731
+        loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, runtime=runtime) ** 2)  # noqa: E731
         hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
         return total_bytes(collective_bytes(hlo, mesh.size))
 

@@ -93,6 +93,11 @@ class ModelConfig:
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
 
+    def __hash__(self) -> int:
+        # an NNX module keeps its config as static data, so its graphdef is hashable only if the config is
+        # (`jax.jit(..., static_argnums=...)` on a graphdef, jit caches); equal configs have equal reprs
+        return hash(repr(self))
+
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from longtrain.models import attention_site
-from longtrain.models.layers import Linear, RMSNorm
+from longtrain.models.layers import Linear, RMSNorm, module_keys
 from longtrain.models.rope import apply_rope
 
 ATTENTION_OUTPUT = "attention_output"  # checkpoint name saved by remat="save_attention_output"
@@ -27,16 +27,17 @@ ATTENTION_OUTPUT = "attention_output"  # checkpoint name saved by remat="save_at
 class Attention(nnx.Module):
     """One softmax attention layer (see the module docstring for its parameters and caches)."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs | None = None, key=None):
         E, Hq, Hkv, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.resolved_head_dim
         self.config = config
-        self.q_proj = Linear((E,), (Hq, D), ("embed",), ("heads", "head_dim"), config, rngs=rngs,
+        kq, kk, kv, ko = module_keys(rngs, key, 4)
+        self.q_proj = Linear((E,), (Hq, D), ("embed",), ("heads", "head_dim"), config, key=kq,
                              use_bias=config.attention_bias)
-        self.k_proj = Linear((E,), (Hkv, D), ("embed",), ("kv_heads", "head_dim"), config, rngs=rngs,
+        self.k_proj = Linear((E,), (Hkv, D), ("embed",), ("kv_heads", "head_dim"), config, key=kk,
                              use_bias=config.attention_bias)
-        self.v_proj = Linear((E,), (Hkv, D), ("embed",), ("kv_heads", "head_dim"), config, rngs=rngs,
+        self.v_proj = Linear((E,), (Hkv, D), ("embed",), ("kv_heads", "head_dim"), config, key=kv,
                              use_bias=config.attention_bias)
-        self.o_proj = Linear((Hq, D), (E,), ("heads", "head_dim"), ("embed",), config, rngs=rngs,
+        self.o_proj = Linear((Hq, D), (E,), ("heads", "head_dim"), ("embed",), config, key=ko,
                              use_bias=config.attention_out_bias)
         self.q_norm = RMSNorm((D,), ("head_dim",), config, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm((D,), ("head_dim",), config, config.rms_norm_eps) if config.qk_norm else None

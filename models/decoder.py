@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from longtrain.models import attention_site
 from longtrain.models.attention import Attention
 from longtrain.models.layer_stack import layer_function, run_layers, stack_layers
-from longtrain.models.layers import MLP, Embed, Linear, RMSNorm, dtype_of
+from longtrain.models.layers import MLP, Embed, Linear, RMSNorm, dtype_of, module_keys
 from longtrain.models.rope import rope_cos_sin
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -64,13 +65,14 @@ class CausalLM(nnx.Module):
     # K/V buffers without a per-step copy and gets their cotangent added in place (longtrain/chunkwise/engine.py)
     ACCEPTS_STACKED_CACHES = True
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, key):
         E = config.hidden_size
+        k_embed, k_head = jax.random.split(key)
         self.config = config
-        self.embed = Embed(config, rngs=rngs)
+        self.embed = Embed(config, key=k_embed)
         self.final_norm = RMSNorm((E,), ("embed",), config, config.rms_norm_eps)
         self.lm_head = (None if config.tie_embeddings else
-                        Linear((E,), (config.vocab_size,), ("embed",), ("vocab",), config, rngs=rngs))
+                        Linear((E,), (config.vocab_size,), ("embed",), ("vocab",), config, key=k_head))
 
     def __call__(self, tokens_BT, *, positions=None, segment_ids=None, runtime=None):
         """Logits [B,T,V] in fp32. Materialises the full logits: for training use `longtrain.loss.lm_loss` on
@@ -111,13 +113,14 @@ class CausalLM(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, key):
         E, eps = config.hidden_size, config.rms_norm_eps
+        k_attn, k_mlp = jax.random.split(key)
         self.sliding_window = config.sliding_window
         self.input_norm = RMSNorm((E,), ("embed",), config, eps)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = Attention(config, key=k_attn)
         self.post_attn_norm = RMSNorm((E,), ("embed",), config, eps)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MLP(config, key=k_mlp)
 
     def __call__(self, x_BTE, inputs: LayerInputs, prefix_kv=None):
         """-> (x [B,T,E], this layer's chunk-wise cache or None)."""
@@ -131,12 +134,13 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(CausalLM):
-    """A Llama-family model: `Decoder(config, rngs=nnx.Rngs(0))(tokens) -> logits`."""
+    """A Llama-family model: `Decoder(config, rngs=nnx.Rngs(0))(tokens) -> logits` (or `key=` a PRNG key)."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs | None = None, key=None):
         check_config(config)
-        super().__init__(config, rngs=rngs)
-        self.layers = stack_layers(lambda r: DecoderLayer(config, rngs=r), config.num_layers, rngs)
+        k_outer, k_layers = module_keys(rngs, key, 2)
+        super().__init__(config, key=k_outer)
+        self.layers = stack_layers(lambda k: DecoderLayer(config, key=k), config.num_layers, k_layers)
 
     def hidden(self, tokens_BT, *, positions=None, segment_ids=None, runtime=None, token_index=None,
                kv_prefix=None, return_kv=False):

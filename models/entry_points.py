@@ -15,9 +15,10 @@ from longtrain.models.layers import logical_axes_of
 from longtrain.models.registry import get_architecture
 
 
-def build(config, *, rngs: nnx.Rngs) -> nnx.Module:
-    """A fresh model for `config` (e.g. `rngs=nnx.Rngs(0)`): a `Decoder` (Llama family) or a `MiniMax`."""
-    return get_architecture(config.architecture)(config, rngs=rngs)
+def build(config, *, rngs: nnx.Rngs | None = None, key=None) -> nnx.Module:
+    """A fresh model for `config` (`rngs=nnx.Rngs(0)`, or `key=` a PRNG key): a `Decoder` (Llama family) or a
+    `MiniMax`."""
+    return get_architecture(config.architecture)(config, rngs=rngs, key=key)
 
 
 _ABSTRACT: dict[str, tuple] = {}  # repr(config) -> (graphdef, abstract state); configs are mutable, so unhashable
@@ -42,7 +43,7 @@ def bind(config, params) -> nnx.Module:
 def init(config, rng) -> dict:
     """Random parameters for `config` as a nested dict of arrays in `config.param_dtype`. Under `jax.jit` with
     `out_shardings`, each device builds only its shards."""
-    return nnx.to_pure_dict(nnx.state(build(config, rngs=nnx.Rngs(params=rng))))
+    return nnx.to_pure_dict(nnx.state(build(config, key=rng)))
 
 
 def forward_hidden(config, params, tokens, *, positions=None, segment_ids=None, runtime=None, token_index=None,

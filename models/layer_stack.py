@@ -18,15 +18,17 @@ from longtrain.models.attention import ATTENTION_OUTPUT
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_output")
 
 
-def stack_layers(make_layer, count: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`count` layers made by `make_layer(rngs)`, as ONE module whose parameters are stacked on a leading axis named
-    `layers` in their metadata (each layer draws its own random keys)."""
-    @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(layer_rngs):
-        return make_layer(layer_rngs)
+def stack_layers(make_layer, count: int, key=None) -> nnx.Module:
+    """`count` layers made by `make_layer(key_l)` (layer l gets `jax.random.split(key, count)[l]`; None when `key`
+    is None, for layers without random parameters), as ONE module whose parameters are stacked on a leading axis
+    named `layers` in their metadata."""
+    keys = jnp.arange(count) if key is None else jax.random.split(key, count)
 
-    return make(rngs)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(key_l):
+        return make_layer(None if key is None else key_l)
+
+    return make(keys)
 
 
 def layer_function(stack: nnx.Module, apply):

@@ -20,14 +20,26 @@ def dtype_of(name: str):
     return jnp.dtype(name)
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple, axes: tuple, config, init: str = "normal") -> nnx.Param:
-    """An `nnx.Param` of `shape` in `config.param_dtype` named by logical `axes`: normal with std
+def module_keys(rngs: nnx.Rngs | None, key, n: int):
+    """`n` keys for a module's parameters, split from `key` (what a parent module hands down) or, at the top, from
+    `rngs.params()` (a user's `nnx.Rngs`). Every parent splits its key the same fixed way, so a seed gives the same
+    parameters through `models.init(config, key)` and `build(config, key=key)`, and the same values the models
+    gave before they became modules (a run's seed means what it meant)."""
+    if key is None:
+        if rngs is None:
+            raise TypeError("pass rngs=nnx.Rngs(seed) or key=jax.random.key(seed)")
+        key = rngs.params()
+    return jax.random.split(key, n)
+
+
+def param(key, shape: tuple, axes: tuple, config, init: str = "normal") -> nnx.Param:
+    """An `nnx.Param` of `shape` in `config.param_dtype` named by logical `axes`: normal from `key` with std
     `config.init_std` (no truncation, like `transformers` `initializer_range`), or "ones" / "zeros"."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not name every dimension of a parameter of shape {shape}")
     pdt = dtype_of(config.param_dtype)
     if init == "normal":
-        value = (config.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(pdt)
+        value = (config.init_std * jax.random.normal(key, shape, jnp.float32)).astype(pdt)
     elif init in ("ones", "zeros"):
         value = (jnp.ones if init == "ones" else jnp.zeros)(shape, pdt)
     else:
@@ -62,10 +74,10 @@ def rms_norm(x, scale, eps: float):
 class Linear(nnx.Module):
     """`kernel [*in_shape, *out_shape]` (+ optional `bias [*out_shape]`); called on x [..., *in_shape]."""
 
-    def __init__(self, in_shape: tuple, out_shape: tuple, in_axes: tuple, out_axes: tuple, config, *,
-                 rngs: nnx.Rngs, use_bias: bool = False):
+    def __init__(self, in_shape: tuple, out_shape: tuple, in_axes: tuple, out_axes: tuple, config, *, key,
+                 use_bias: bool = False):
         self.dtype, self.contract = config.dtype, len(in_shape)
-        self.kernel = param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), config)
+        self.kernel = param(key, (*in_shape, *out_shape), (*in_axes, *out_axes), config)
         self.bias = param(None, tuple(out_shape), tuple(out_axes), config, init="zeros") if use_bias else None
 
     def __call__(self, x):
@@ -87,9 +99,9 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding `embedding [V, E]`; the lookup gives [B, T, E] in the compute dtype."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, key):
         self.dtype = config.dtype
-        self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+        self.embedding = param(key, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
 
     def lookup(self, table_VE, tokens_BT):
         """Rows of `table_VE` (this module's table, or a resharded view of it: `attention_site.embedding_table`)."""
@@ -102,11 +114,12 @@ class Embed(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: `down(silu(gate(x)) * up(x))`; gate/up `[E, F]`, down `[F, E]`, optional biases (`config.mlp_bias`)."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs, intermediate_size: int | None = None):
+    def __init__(self, config, *, rngs: nnx.Rngs | None = None, key=None, intermediate_size: int | None = None):
         E, F, bias = config.hidden_size, intermediate_size or config.intermediate_size, config.mlp_bias
-        self.gate_proj = Linear((E,), (F,), ("embed",), ("mlp",), config, rngs=rngs, use_bias=bias)
-        self.up_proj = Linear((E,), (F,), ("embed",), ("mlp",), config, rngs=rngs, use_bias=bias)
-        self.down_proj = Linear((F,), (E,), ("mlp",), ("embed",), config, rngs=rngs, use_bias=bias)
+        k_gate, k_up, k_down = module_keys(rngs, key, 3)
+        self.gate_proj = Linear((E,), (F,), ("embed",), ("mlp",), config, key=k_gate, use_bias=bias)
+        self.up_proj = Linear((E,), (F,), ("embed",), ("mlp",), config, key=k_up, use_bias=bias)
+        self.down_proj = Linear((F,), (E,), ("mlp",), ("embed",), config, key=k_down, use_bias=bias)
 
     def __call__(self, x_BTE, runtime=None):
         return swiglu(x_BTE, self.gate_proj, self.up_proj, self.down_proj, runtime)

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from longtrain.models import attention_site
 from longtrain.models.attention import ATTENTION_OUTPUT
-from longtrain.models.layers import Linear, RMSNorm, rms_norm
+from longtrain.models.layers import Linear, RMSNorm, module_keys, rms_norm
 
 
 def lightning_slopes(num_heads: int, layer_index: int, num_layers: int) -> np.ndarray:
@@ -37,13 +37,14 @@ class Lightning(nnx.Module):
     """The lightning token mixer of one layer. Params: `qkv.kernel [E, H, 3, D]`, `output_gate.kernel [E, H, D]`,
     `norm.scale [H, D]`, `out_proj.kernel [H, D, E]` (HF Linear weights transposed, heads split out)."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs | None = None, key=None):
         E, H, D = config.hidden_size, config.num_heads, config.resolved_head_dim
         self.num_heads, self.head_dim, self.norm_eps = H, D, config.lightning_norm_eps
-        self.qkv = Linear((E,), (H, 3, D), ("embed",), ("heads", None, "head_dim"), config, rngs=rngs)
-        self.output_gate = Linear((E,), (H, D), ("embed",), ("heads", "head_dim"), config, rngs=rngs)
+        k_qkv, k_gate, k_out = module_keys(rngs, key, 3)
+        self.qkv = Linear((E,), (H, 3, D), ("embed",), ("heads", None, "head_dim"), config, key=k_qkv)
+        self.output_gate = Linear((E,), (H, D), ("embed",), ("heads", "head_dim"), config, key=k_gate)
         self.norm = RMSNorm((H, D), ("heads", "head_dim"), config, config.lightning_norm_eps)
-        self.out_proj = Linear((H, D), (E,), ("heads", "head_dim"), ("embed",), config, rngs=rngs)
+        self.out_proj = Linear((H, D), (E,), ("heads", "head_dim"), ("embed",), config, key=k_out)
 
     def __call__(self, x_BTE, *, slope_H, segment_ids, runtime, initial_state=None, return_state: bool = False):
         """Normed input x [B, T, E] -> [B, T, E] (and the fp32 state [B, H, D, D] at the last token when

@@ -37,7 +37,7 @@ from flax import nnx
 from longtrain.models.attention import Attention
 from longtrain.models.decoder import CausalLM, LayerInputs, check_heads
 from longtrain.models.layer_stack import StackedCaches, layer_slice, remat, stack_layers, stacked_layer_fn
-from longtrain.models.layers import RMSNorm
+from longtrain.models.layers import RMSNorm, module_keys
 from longtrain.models.lightning_block import Lightning, lightning_slopes
 from longtrain.models.moe import MoE
 
@@ -95,23 +95,25 @@ class MiniMaxLayers(nnx.Module):
     """Every layer's parameters, stacked by kind (see the module docstring): the norms and MoE of all L layers, the
     lightning mixers of the lightning layers and the attention of the softmax layers, each in layer order."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, keys):
         types, L, E, eps = resolved_layer_types(config), config.num_layers, config.hidden_size, config.rms_norm_eps
-        self.input_norm = stack_layers(lambda r: RMSNorm((E,), ("embed",), config, eps), L, rngs)
-        self.post_attn_norm = stack_layers(lambda r: RMSNorm((E,), ("embed",), config, eps), L, rngs)
-        self.moe = stack_layers(lambda r: MoE(config, rngs=r), L, rngs)
+        k_moe, k_lin, k_attn = keys
+        self.input_norm = stack_layers(lambda _: RMSNorm((E,), ("embed",), config, eps), L)
+        self.post_attn_norm = stack_layers(lambda _: RMSNorm((E,), ("embed",), config, eps), L)
+        self.moe = stack_layers(lambda k: MoE(config, key=k), L, k_moe)
         n_lin, n_full = types.count(LINEAR), types.count(FULL)
-        self.lightning = stack_layers(lambda r: Lightning(config, rngs=r), n_lin, rngs) if n_lin else None
-        self.attn = stack_layers(lambda r: Attention(config, rngs=r), n_full, rngs) if n_full else None
+        self.lightning = stack_layers(lambda k: Lightning(config, key=k), n_lin, k_lin) if n_lin else None
+        self.attn = stack_layers(lambda k: Attention(config, key=k), n_full, k_attn) if n_full else None
 
 
 class MiniMax(CausalLM):
-    """The MiniMax hybrid: `MiniMax(config, rngs=nnx.Rngs(0))(tokens) -> logits`."""
+    """The MiniMax hybrid: `MiniMax(config, rngs=nnx.Rngs(0))(tokens) -> logits` (or `key=` a PRNG key)."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs | None = None, key=None):
         check_config(config)
-        super().__init__(config, rngs=rngs)
-        self.layers = MiniMaxLayers(config, rngs=rngs)
+        k_outer, *k_layers = module_keys(rngs, key, 4)
+        super().__init__(config, key=k_outer)
+        self.layers = MiniMaxLayers(config, keys=k_layers)
 
     def hidden(self, tokens_BT, *, positions=None, segment_ids=None, runtime=None, token_index=None,
                kv_prefix=None, return_kv=False):

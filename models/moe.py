@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longtrain.models.layers import Linear, dense, dtype_of, param, swiglu
+from longtrain.models.layers import Linear, dense, dtype_of, module_keys, param, swiglu
 
 MOE_IMPLS = ("dense", "ragged")
 
@@ -34,24 +34,26 @@ MOE_IMPLS = ("dense", "ragged")
 class Experts(nnx.Module):
     """The stacked expert matrices: `gate [X, E, I]`, `up [X, E, I]`, `down [X, I, E]`."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, keys):
         E, I, X = config.hidden_size, config.intermediate_size, config.num_experts
-        self.gate = param(rngs, (X, E, I), ("experts", "embed", "mlp"), config)
-        self.up = param(rngs, (X, E, I), ("experts", "embed", "mlp"), config)
-        self.down = param(rngs, (X, I, E), ("experts", "mlp", "embed"), config)
+        k_gate, k_up, k_down = keys
+        self.gate = param(k_gate, (X, E, I), ("experts", "embed", "mlp"), config)
+        self.up = param(k_up, (X, E, I), ("experts", "embed", "mlp"), config)
+        self.down = param(k_down, (X, I, E), ("experts", "mlp", "embed"), config)
 
 
 class MoE(nnx.Module):
     """The MoE layer: router `[E, X]` and the experts (normal init, std `config.init_std`, as transformers
     initialises MiniMax experts)."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs | None = None, key=None):
         if config.moe_impl not in MOE_IMPLS:
             raise ValueError(f"model.moe_impl={config.moe_impl!r} is not a MoE implementation; expected one of "
                              f"{MOE_IMPLS}")
         self.config = config
-        self.router = Linear((config.hidden_size,), (config.num_experts,), ("embed",), (None,), config, rngs=rngs)
-        self.experts = Experts(config, rngs=rngs)
+        k_router, *k_experts = module_keys(rngs, key, 4)
+        self.router = Linear((config.hidden_size,), (config.num_experts,), ("embed",), (None,), config, key=k_router)
+        self.experts = Experts(config, keys=k_experts)
 
     def __call__(self, x_BTE, *, runtime=None):
         """x [B, T, E] -> [B, T, E] in the compute dtype (`config.dtype`)."""

@@ -196,3 +196,35 @@ def test_partial_rotary_rotates_only_the_leading_channels():
     x1, x2 = x[..., : R // 2].astype(np.float64), x[..., R // 2: R].astype(np.float64)
     want = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, x[..., R:]], axis=-1)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_seed_gives_the_parameters_it_gave_before_the_models_were_modules():
+    """The parameter keys come from fixed splits of the seed key (models/layers.py `module_keys`), the derivation
+    the dict-based models used, so a run's seed draws the same initial parameters as before: checked here leaf by
+    leaf against that derivation written out with jax.random."""
+    from flax import nnx
+
+    config = ModelConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=4,
+                         num_kv_heads=2, tie_embeddings=False, init_std=0.05)
+    key = jax.random.PRNGKey(3)
+    params = models.init(config, key)
+    normal = lambda k, shape: config.init_std * jax.random.normal(k, shape, jnp.float32)  # noqa: E731
+    k_outer, k_layers = jax.random.split(key)
+    k_embed, k_head = jax.random.split(k_outer)
+    np.testing.assert_array_equal(params["embed"]["embedding"], normal(k_embed, (61, 16)))
+    np.testing.assert_array_equal(params["lm_head"]["kernel"], normal(k_head, (16, 61)))
+    for layer, k_layer in enumerate(jax.random.split(k_layers, 3)):
+        k_attn, k_mlp = jax.random.split(k_layer)
+        kq, kk, kv, ko = jax.random.split(k_attn, 4)
+        np.testing.assert_array_equal(params["layers"]["attn"]["q_proj"]["kernel"][layer], normal(kq, (16, 4, 4)))
+        np.testing.assert_array_equal(params["layers"]["attn"]["o_proj"]["kernel"][layer], normal(ko, (4, 4, 16)))
+        k_gate, k_up, k_down = jax.random.split(k_mlp, 3)
+        np.testing.assert_array_equal(params["layers"]["mlp"]["down_proj"]["kernel"][layer], normal(k_down, (24, 16)))
+    # building the module with the same key, or from nnx.Rngs, goes through the same splits
+    built = nnx.to_pure_dict(nnx.state(models.build(config, key=key)))
+    for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    rngs_key = nnx.Rngs(5).params()
+    from_rngs = nnx.to_pure_dict(nnx.state(models.build(config, rngs=nnx.Rngs(5))))
+    np.testing.assert_array_equal(from_rngs["embed"]["embedding"],
+                                  normal(jax.random.split(jax.random.split(rngs_key)[0])[0], (61, 16)))

@@ -69,14 +69,16 @@ def constrain(runtime, x, logical_axes: tuple):
 
 
 def embedding_table(runtime, table_VE):
-    """The embedding table as the lookup needs it. ZeRO-3 shards its embed dimension over fsdp x context, so rows
-    gathered from it come out embed-sharded. Over ONE axis, XLA moves them to the activations' [batch, seq]
-    sharding with an all-to-all (cheaper than gathering a large-vocabulary table). Over TWO (fsdp > 1 and
-    context > 1, e.g. 8 x 8) no single collective does it, and XLA's partitioner falls back to an "involuntary full
-    rematerialization" (the [B, T, E] rows replicated on every device, then re-partitioned); there the table is
-    gathered first, as ZeRO-3 gathers any weight, so the rows come out sharded like every activation."""
+    """The embedding table as the lookup needs it. ZeRO-3 shards its embed dimension (over fsdp x context, or the
+    whole pool in balance mode: `runtime.param_axes`), so rows gathered from it come out embed-sharded. Over ONE
+    mesh axis, XLA moves them to the activations' [batch, seq] sharding with an all-to-all (cheaper than gathering a
+    large-vocabulary table). Over TWO or more (e.g. fsdp 8 x context 8) no single collective does it, and XLA's
+    partitioner falls back to an "involuntary full rematerialization" (the [B, T, E] rows replicated on every
+    device, then re-partitioned); there the table is gathered first, as ZeRO-3 gathers any weight, so the rows come
+    out sharded like every activation."""
     mesh = getattr(runtime, "mesh", None)
-    if mesh is None or sum(dict(mesh.shape).get(a, 1) > 1 for a in ("fsdp", "context")) < 2:
+    axes = getattr(runtime, "param_axes", ())
+    if mesh is None or sum(dict(mesh.shape).get(a, 1) > 1 for a in axes) < 2:
         return table_VE
     return runtime.constrain(table_VE, ("vocab", "embed"))
 

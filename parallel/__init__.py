@@ -9,6 +9,7 @@
                                 initial_state=None, variant="all_gather" | "ring")
     ParallelRuntime(mesh, strategy=, layout=, ...)                 the models' runtime contract
     shard_params(params, param_logical_axes, mesh), param_shardings(...), batch_sharding(mesh, shape)
+    pool_param_shardings(params, param_logical_axes, mesh)         balance mode: ZeRO-3 over the whole pool
 """
 if __name__ != "longtrain.parallel":  # imported as a bare top-level name from the repo root
     from longtrain._top_level import step_aside
@@ -21,9 +22,9 @@ else:
     from longtrain.parallel.mesh import MESH_AXES, make_mesh, mesh_from_config
     from longtrain.parallel.runtime import ParallelRuntime
     from longtrain.parallel.sharding import (ACTIVATION_RULES, PARAM_RULES, batch_sharding, logical_to_spec,
-                                             param_shardings, shard_params)
+                                             param_shardings, pool_param_shardings, shard_params)
 
     __all__ = ["ACTIVATION_RULES", "LAYOUTS", "MESH_AXES", "PARAM_RULES", "STRATEGIES", "ParallelRuntime",
                "batch_sharding", "causal_work_per_rank", "context_attention", "context_lightning_attention",
                "from_layout", "imbalance", "logical_to_spec", "make_mesh", "mesh_from_config", "param_shardings",
-               "pick_strategy", "shard_params", "to_layout"]
+               "pick_strategy", "pool_param_shardings", "shard_params", "to_layout"]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from longtrain.parallel.context_attention import context_attention
 from longtrain.parallel.lightning import context_lightning_attention
-from longtrain.parallel.sharding import constrain_activation
+from longtrain.parallel.lightning_pieces import piece_lightning_attention
+from longtrain.parallel.sharding import PARAM_RULES, constrain_activation
 
 
 class ParallelRuntime:
@@ -16,11 +17,16 @@ class ParallelRuntime:
 
     def __init__(self, mesh, *, strategy="auto", layout="zigzag", attention_impl="auto", lightning_impl="auto",
                  lightning_block_size=64, ulysses_degree=None, lightning_variant="all_gather", token_index=None,
-                 ring_region=None):
+                 ring_region=None, param_axes=PARAM_RULES["embed"], lightning_pieces=0):
         """`token_index` [B,N] int32 (optional, usually traced): explicit causal index per token for the ring
         strategy (balance mode builds one runtime per micro-batch with token_index=positions). `ring_region` (static
-        int S, with token_index): only the first S tokens of each rank's block ring; the rest attend locally."""
+        int S, with token_index): only the first S tokens of each rank's block ring; the rest attend locally.
+        `param_axes`: the mesh axes the parameters' embed dimension is split over (ZeRO-3; balance mode splits
+        over the whole pool, `sharding.POOL_AXES`). `lightning_pieces` (static, with token_index): how many runs at
+        the start of each rank buffer exchange lightning states (`parallel/lightning_pieces.py`)."""
         self.mesh = mesh
+        self.param_axes = tuple(param_axes)
+        self.lightning_pieces = lightning_pieces
         self.token_index = token_index
         self.ring_region = ring_region
         self.strategy = strategy
@@ -47,9 +53,10 @@ class ParallelRuntime:
                                  token_index=self.token_index, ring_region=self.ring_region)
 
     def lightning_attention(self, q, k, v, slope, *, segment_ids):
-        if self.token_index is not None:
-            raise ValueError("lightning attention runs in buffer order and cannot take an explicit token_index "
-                             "(balance mode with split documents); use a softmax-attention model")
+        if self.token_index is not None:  # balance mode: buffers of document pieces, causality by position
+            return piece_lightning_attention(q, k, v, slope, mesh=self.mesh, segment_ids=segment_ids,
+                                             positions=self.token_index, num_pieces=self.lightning_pieces,
+                                             impl=self.lightning_impl, block_size=self.lightning_block_size)
         return context_lightning_attention(q, k, v, slope, mesh=self.mesh, layout=self.layout,
                                            segment_ids=segment_ids, variant=self.lightning_variant,
                                            impl=self.lightning_impl, block_size=self.lightning_block_size)

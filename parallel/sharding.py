@@ -69,6 +69,33 @@ def param_shardings(params, logical_axes_tree, mesh):
                         logical_axes_tree, params, is_leaf=_is_axes_leaf)
 
 
+# Balance mode (ZeRO-3 over the whole device pool): one flattened axis over every non-tensor mesh axis, in mesh
+# order, which is device order. Every view of the same device list as data=R/c x context=c then hands each device
+# the same block of every parameter, so a micro-batch of any context degree c finds its shards where they are.
+POOL_AXES = ("data", "fsdp", "context")
+
+
+def pool_spec(logical_axes, shape, mesh) -> PartitionSpec:
+    """Spec of a parameter split over the whole pool (`POOL_AXES` as one axis): on its `embed` dimension, or else
+    its largest dimension, that the pool size divides; replicated when none does (tiny arrays, norms of odd
+    sizes). All or nothing: a partial split would differ between views and move bytes when c changes."""
+    if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1:
+        raise ValueError(f"pool sharding spans data x fsdp x context; mesh has tensor={mesh.shape['tensor']}")
+    pool = math.prod(mesh.shape[a] for a in POOL_AXES if a in mesh.axis_names)
+    fits = [i for i, dim in enumerate(shape) if dim % pool == 0]
+    spec = [None] * len(shape)
+    if pool > 1 and fits:
+        embed = [i for i in fits if logical_axes[i] == "embed"]
+        spec[embed[0] if embed else max(fits, key=lambda i: shape[i])] = POOL_AXES
+    return PartitionSpec(*spec)
+
+
+def pool_param_shardings(params, logical_axes_tree, mesh):
+    """`param_shardings` for balance mode: every parameter split over the whole device pool (`pool_spec`)."""
+    return jax.tree.map(lambda axes, p: NamedSharding(mesh, pool_spec(axes, p.shape, mesh)),
+                        logical_axes_tree, params, is_leaf=_is_axes_leaf)
+
+
 def shard_params(params, logical_axes_tree, mesh):
     """Place `params` on the mesh by the parameter rules."""
     return jax.device_put(params, param_shardings(params, logical_axes_tree, mesh))

@@ -57,6 +57,26 @@ def test_plan_tiny_fits_and_lowers_for_cuda():
     assert "lowered the train step for cuda" in r.stdout
 
 
+def test_plan_in_balance_mode_compiles_the_largest_micro_batch_program_of_a_hybrid():
+    """Balance mode is planned as it runs: ZeRO-3 state over all 8 devices, the largest micro-batch program (one
+    ring over every rank), lowered for cuda too; --explain, which reads the static step, is refused by name."""
+    hybrid = [os.path.join(REPO, "configs", "smoke_cpu.yaml"), "data.balance.enabled=true", "mesh.data=8",
+              "mesh.context=1", "model.architecture=minimax", "model.num_experts=2", "model.experts_per_token=1",
+              "--devices", "8"]
+    r = _plan(hybrid + ["--lower-for", "cuda"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "balance mode (ZeRO-3 state over the pool)" in r.stdout and "c=8 ranks x 256 tokens" in r.stdout
+    # E=64, V=256, F=192, 2 layers (softmax + lightning), 2 experts: every leaf with a dimension 8 divides is split
+    E, V, F, H, D, L = 64, 256, 192, 4, 16, 2
+    per_layer = 2 * E + E * 2 + 2 * 3 * E * F  # norms, router, experts
+    n = 2 * V * E + E + L * per_layer + (E * H * D + 2 * E * 2 * D + H * D * E) + (E * H * 3 * D + 2 * E * H * D + H * D)
+    assert _gib(r.stdout, "params") == pytest.approx(4 * n / 8, rel=0.02)
+    assert _gib(r.stdout, "collective-permute") > 0  # the ring over the group
+    assert "no involuntary full rematerializations" in r.stdout and "lowered the train step for cuda" in r.stdout
+    refused = _plan(hybrid + ["--explain"], timeout=300)
+    assert refused.returncode == 2 and "--explain" in refused.stderr and "data.balance.enabled" in refused.stderr
+
+
 def test_explain_names_the_largest_buffer_at_the_peak_and_its_source_line():
     """parallel.hlo_memory reads XLA's buffer assignment: a program whose temp memory is one [512, 512] fp32
     product reports that buffer first, with the line of this file that made it."""

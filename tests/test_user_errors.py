@@ -52,9 +52,9 @@ def test_wrong_text_field_means_no_usable_record(tmp_path):
     _one_line_exit_2(r, "data", "no text field 'text'", "nothing usable")
 
 
-def test_balance_mode_with_a_hybrid_model_is_refused_at_config_time(tmp_path):
-    r = _train(tmp_path, "model.architecture=minimax", "data.balance.enabled=true")
-    _one_line_exit_2(r, "config", "data.balance.enabled=true", "linear_attention")
+def test_balance_mode_with_tensor_parallelism_is_refused_naming_the_key(tmp_path):
+    r = _train(tmp_path, "data.balance.enabled=true", "mesh.data=-1", "mesh.context=1", "mesh.tensor=2")
+    _one_line_exit_2(r, "config", "data.balance.enabled=true", "mesh.tensor=1", "got mesh.tensor=2")
 
 
 def test_seq_len_beyond_max_position_embeddings_names_rope_scaling(tmp_path):

@@ -71,6 +71,14 @@ def plan(config, explain: int = 0) -> dict:
     session = build_session(config, with_data=False)
     program = build_program(config, session)
     t0 = time.perf_counter()
+    if config.data.balance.enabled:
+        if explain:
+            from longtrain.config import ConfigError
+
+            raise ConfigError("plan --explain reads the static train step's buffer assignment; balance mode "
+                              "(data.balance.enabled=true) runs per-micro-batch programs it does not dump yet: "
+                              "drop --explain")
+        return _plan_balanced(config, session, program, t0)
     lowered = program.train_step.lower(program.abstract_state, session.abstract_batch())
     peak = None
     with capture_compile_warnings() as warnings:  # XLA's partitioner warns on fd 2; count what it says
@@ -105,6 +113,53 @@ def plan(config, explain: int = 0) -> dict:
     }
 
 
+def _plan_balanced(config, session, program, t0) -> dict:
+    """Balance mode: the largest micro-batch program the scheduler can emit (one group of all R devices, c = R,
+    capacity C, split region S = C, one split document: 2 pieces per rank) and the update program. While a
+    micro-batch runs, a device holds the optimizer state (idle) plus that program's arguments, outputs and temps;
+    the update holds the state and the gradient. The total is the larger of the two."""
+    import jax
+
+    from longtrain.parallel.hlo_comm import bytes_per_collective
+    from longtrain.parallel.xla_warnings import capture_compile_warnings
+    from longtrain.train.balanced_step import BalancedStep
+    from longtrain.train.program import per_device_bytes
+
+    step = BalancedStep(config, program.optimizer, program.schedule, program.state_shardings)
+    R, C, S, K = step.largest_micro_shape()
+    with capture_compile_warnings() as warnings:
+        micro = step.trace_micro(R, C, S, K).lower().compile()
+        update = step.trace_update(program.abstract_state).lower().compile()
+    compile_s = time.perf_counter() - t0
+
+    def footprint(compiled):
+        m = compiled.memory_analysis()
+        return (int(m.argument_size_in_bytes), max(int(m.output_size_in_bytes) - int(m.alias_size_in_bytes), 0),
+                int(m.temp_size_in_bytes))
+
+    params = per_device_bytes(program.abstract_state["params"])
+    opt = per_device_bytes(program.abstract_state["opt_state"])
+    m_args, m_outs, m_temp = footprint(micro)
+    u_args, u_outs, u_temp = footprint(update)
+    during_micro, during_update = opt + m_args + m_outs + m_temp, u_args + u_outs + u_temp
+    comm = bytes_per_collective(micro.as_text(), R)
+    return {
+        "mesh": {"data": 1, "context": R},
+        "devices": R,
+        "balance": {"context": R, "capacity": C, "split_region": S, "pieces": K},
+        "params": params,
+        "optimizer": opt,
+        "batch_and_other_args": m_args - 2 * params,  # the micro program takes params and the grad accumulator
+        "temp": max(m_temp, u_temp),
+        "outputs_not_aliased": max(m_outs, u_outs),
+        "total": max(during_micro, during_update),
+        "collectives": comm,
+        "compile_s": compile_s,
+        "peak": None,
+        "involuntary_rematerializations": len(warnings.involuntary_rematerializations),
+    }
+
+
 def lower_for(config, platform: str) -> int:
     """Lower (not compile) the train step for `platform` on the simulated mesh; -> size of the lowered module."""
     from longtrain.train.program import build_program
@@ -112,22 +167,34 @@ def lower_for(config, platform: str) -> int:
 
     session = build_session(config, with_data=False)
     program = build_program(config, session)
-    lowered = program.train_step.trace(program.abstract_state, session.abstract_batch()).lower(
-        lowering_platforms=(platform,))
-    return len(lowered.as_text())
+    if config.data.balance.enabled:  # the largest micro-batch program (the one with the ring over every rank)
+        from longtrain.train.balanced_step import BalancedStep
+
+        step = BalancedStep(config, program.optimizer, program.schedule, program.state_shardings)
+        traced = step.trace_micro(*step.largest_micro_shape())
+    else:
+        traced = program.train_step.trace(program.abstract_state, session.abstract_batch())
+    return len(traced.lower(lowering_platforms=(platform,)).as_text())
 
 
 def print_report(config, report: dict, out=sys.stdout) -> None:
     m = config.mesh
     mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
-    print(f"plan: {report['devices']} devices, mesh {mesh}, context strategy {m.context_strategy}, layout "
-          f"{m.layout}; compiled in {report['compile_s']:.1f}s", file=out)
+    balance = report.get("balance")
+    if balance:
+        print(f"plan: {report['devices']} devices, balance mode (ZeRO-3 state over the pool): the largest "
+              f"micro-batch program, one context group of c={balance['context']} ranks x {balance['capacity']} "
+              f"tokens, split region {balance['split_region']}, ring attention; compiled in "
+              f"{report['compile_s']:.1f}s", file=out)
+    else:
+        print(f"plan: {report['devices']} devices, mesh {mesh}, context strategy {m.context_strategy}, layout "
+              f"{m.layout}; compiled in {report['compile_s']:.1f}s", file=out)
     print(f"  sequence {config.data.seq_len} tokens x {config.data.batch_size} rows, "
           f"optim.mode={config.optim.mode}, model.remat={config.model.remat}", file=out)
     print("per-device memory:", file=out)
     for key in ("params", "optimizer", "batch_and_other_args", "temp", "outputs_not_aliased", "total"):
         print(f"  {key:<22}{fmt_bytes(report[key]):>14}", file=out)
-    print("communication per step, bytes sent per device:", file=out)
+    print("communication per " + ("micro-batch" if balance else "step") + ", bytes sent per device:", file=out)
     for op, n in report["collectives"].items():
         print(f"  {op:<22}{fmt_bytes(n):>14}", file=out)
     print(f"  {'total':<22}{fmt_bytes(sum(report['collectives'].values())):>14}", file=out)

@@ -119,7 +119,9 @@ def plan_to_batches(plan, docs, ranks: range | None = None) -> list[dict]:
     when the rank's shards are shorter; segment ids keep them to themselves). Positions are the tokens' indices
     in their document (shards are not contiguous: attention must use positions and segment ids, not buffer
     offsets, for causality). Segment ids number the documents of a micro-batch 1, 2, ... (a split document has
-    the same id on all ranks of its group). Extra keys: `context` (c) and `split_region` (S).
+    the same id on all ranks of its group). Extra keys: `context` (c), `split_region` (S) and `split_pieces` (the
+    most split-document pieces any rank's buffer starts with: 2 per split document of its group; global, so every
+    process agrees on it).
 
     `ranks` (a range of rank indices): build only those rows, arrays [len(ranks), capacity] equal to rows
     `ranks` of the all-ranks result (segment ids numbered as there). Then `docs` may be any mapping or sequence
@@ -138,6 +140,7 @@ def plan_to_batches(plan, docs, ranks: range | None = None) -> list[dict]:
         rows = empty_rows(len(ranks), C)
         rows["context"] = mb.context
         rows["split_region"] = mb.split_region
+        rows["split_pieces"] = 2 * max((len(g) for g in mb.group_docs), default=0)
         out.append(rows)
     offsets = np.zeros((len(out), len(ranks)), dtype=np.int64)
     segment: dict[tuple[int, int], int] = {}

@@ -17,7 +17,7 @@ restore re-reads and re-packs that window deterministically. Grain's thread pref
 
 Balance mode (`data.balance.enabled`): each step gathers documents to `fill` x R x C tokens (`StepFiller`),
 `balance.schedule` plans them over R ranks and `plan_to_batches` lays them out; `next(it)` returns
-`{"micro_batches": [dict of [R / process_count, C] arrays + "context", "split_region"], "plan": Plan,
+`{"micro_batches": [dict of [R / process_count, C] arrays + "context", "split_region", "split_pieces"], "plan": Plan,
 "num_targets": int}` with this process's ranks only. The scheduler needs the global view (every length of the
 step, same seed in every process). With `data.balance.length_index` (built once by `longtrain index-lengths`) the
 lengths come from the index and each process reads and tokenizes only the documents placed on its ranks; without

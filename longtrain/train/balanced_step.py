@@ -7,12 +7,20 @@ cached, per c) with the [R, C] buffers reshaped to [R/c, c*C] group rows: the co
 device exactly its own rank buffer. Split documents lie zigzag in those buffers, so attention takes its causal
 index from `positions` (restarting per document) through the ring's explicit `token_index`, never from buffer
 offsets. Only the split region (the first `split_region` = S tokens of every rank buffer, which holds the split
-documents' shards) takes part in ring traffic; the whole documents after it attend locally (`ring_region=S`). Every micro-batch adds (sum of masked token losses, its gradient) to replicated accumulators; the
-global target count divides once, in `step.apply_gradients`, like the normal step (same clipping, AdamW, NaN
-skip). Programs: one jit per (c, C, S) for the micro-batch and one for the update.
+documents' shards) takes part in ring traffic; the whole documents after it attend locally (`ring_region=S`).
 
-Restrictions (checked in `check_balance_config`): parameters replicated (mesh.fsdp = mesh.tensor = 1) and
-optim.mode = full, because the per-c meshes would otherwise need their own parameter shardings.
+State is ZeRO-3 over the whole pool (`parallel.sharding.pool_spec`): every parameter, gradient accumulator and
+optimizer moment is split over data x fsdp x context as one flattened axis in device order, so each per-c view
+gives every device the same block and changing c between micro-batches moves no bytes. A micro-batch gathers the
+weights as it uses them and adds its gradient into the sharded accumulator (a reduce-scatter, not a replicated
+all-reduce); the global target count divides once, in `step.apply_gradients`, like the normal step (same
+clipping, AdamW, NaN skip). Programs: one jit per (c, C, S) for the micro-batch and one for the update.
+
+Lightning layers (the MiniMax hybrid) pass their decayed states between the pieces of a split document across the
+group's ranks, in the document's position order (`parallel/lightning_pieces.py`); MoE layers run unchanged.
+
+Restrictions (checked in `check_balance_config`): mesh.tensor = 1 (the views split only data and context) and
+optim.mode = full.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longtrain.config import Config, ConfigError
+from longtrain.parallel.sharding import POOL_AXES
 from longtrain.train.model_loss import loss_sum
 from longtrain.train.step import apply_gradients
 
@@ -32,17 +41,19 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 
 def check_balance_config(config: Config) -> None:
     """ConfigError naming the keys balance mode cannot run with."""
-    if config.mesh.fsdp != 1 or config.mesh.tensor != 1:
-        raise ConfigError(f"data.balance.enabled=true needs replicated parameters: mesh.fsdp=1 and mesh.tensor=1 "
-                          f"(got mesh.fsdp={config.mesh.fsdp}, mesh.tensor={config.mesh.tensor})")
-    if config.model.architecture == "minimax":
-        from longtrain.models.minimax import resolved_layer_types
-
-        if "linear_attention" in resolved_layer_types(config.model):
-            raise ConfigError("data.balance.enabled=true does not support lightning (linear_attention) layers yet: "
-                              "their state cannot pass between the ranks of a split document; use "
-                              "data.balance.enabled=false for model.architecture='minimax' with linear_attention "
-                              "layers in model.layer_types")
+    if config.mesh.tensor != 1:
+        raise ConfigError(f"data.balance.enabled=true does not support tensor parallelism: set mesh.tensor=1 (got "
+                          f"mesh.tensor={config.mesh.tensor}); the per-micro-batch views split the devices into "
+                          f"data x context groups only, and shard the state ZeRO-3 over all of them")
+    if config.mesh.context_strategy not in ("auto", "ring"):
+        raise ConfigError(f"data.balance.enabled=true runs ring attention over each micro-batch's context group (it "
+                          f"takes explicit per-token causal indices); mesh.context_strategy="
+                          f"{config.mesh.context_strategy!r} is not served in balance mode: set "
+                          f"mesh.context_strategy=ring (or auto)")
+    if config.mesh.layout != "zigzag":
+        raise ConfigError(f"data.balance.enabled=true lays every split document out zigzag over its group (the "
+                          f"scheduler places the pieces); mesh.layout={config.mesh.layout!r} does not apply: set "
+                          f"mesh.layout=zigzag")
     if config.optim.mode != "full":
         raise ConfigError(f"data.balance.enabled=true supports optim.mode=full only; got "
                           f"optim.mode={config.optim.mode!r}")
@@ -62,6 +73,16 @@ class BalancedStep:
         self.config = config
         self.devices = list(jax.devices() if devices is None else devices)
         self.state_shardings = state_shardings
+        from longtrain import models
+        from longtrain.models.minimax import LINEAR, resolved_layer_types
+        from longtrain.parallel import make_mesh, pool_param_shardings
+
+        self._abstract = abstract = jax.eval_shape(lambda: models.init(config.model, jax.random.PRNGKey(0)))
+        pool = pool_param_shardings(abstract, models.param_logical_axes(config.model),
+                                    make_mesh(data=len(self.devices), devices=self.devices))
+        self._param_specs = jax.tree.map(lambda s: s.spec, pool)  # the same specs serve every view
+        self._lightning = (config.model.architecture == "minimax"
+                           and LINEAR in resolved_layer_types(config.model))  # lightning layers pass states
         self._meshes: dict[int, Any] = {}
         self._micro: dict[tuple[int, int], Callable] = {}
         self._update = None if optimizer is None else jax.jit(
@@ -79,14 +100,19 @@ class BalancedStep:
             self._meshes[c] = make_mesh(data=R // c, fsdp=1, context=c, tensor=1, devices=self.devices)
         return self._meshes[c]
 
-    def _micro_program(self, c: int, C: int, S: int):
+    def param_shardings(self, c: int):
+        """The parameters' ZeRO-3 shardings on the view of degree c (equivalent for every c)."""
+        return jax.tree.map(lambda spec: NamedSharding(self.mesh(c), spec), self._param_specs)
+
+    def _micro_program(self, c: int, C: int, S: int, K: int):
         """jit of (params, acc_loss, acc_grads, group batch) -> accumulators + this micro-batch's sums; the first
-        S tokens of each rank buffer ring over the c ranks of a group, the rest attend locally."""
-        key = (c, C, S)
+        S tokens of each rank buffer ring over the c ranks of a group, the rest attend locally; lightning layers
+        pass states between the first K runs (the split pieces) of the group's buffers."""
+        key = (c, C, S, K)
         if key not in self._micro:
             from longtrain.parallel import ParallelRuntime
 
-            config, mesh = self.config, self.mesh(c)
+            config, mesh, params_sh = self.config, self.mesh(c), self.param_shardings(c)
             replicated = NamedSharding(mesh, P())
             batch_sharding = NamedSharding(mesh, P("data", "context"))
 
@@ -96,15 +122,38 @@ class BalancedStep:
                                               attention_impl=config.model.attention_impl,
                                               lightning_impl=config.model.lightning_impl,
                                               lightning_block_size=config.model.lightning_block_size,
-                                              token_index=batch["positions"], ring_region=S)
+                                              token_index=batch["positions"], ring_region=S,
+                                              param_axes=POOL_AXES, lightning_pieces=K)
                     return loss_sum(config, p, batch, runtime)
 
                 loss, grads = jax.value_and_grad(f)(params)
                 return acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads)
 
-            self._micro[key] = jax.jit(micro, in_shardings=(replicated, replicated, replicated, batch_sharding),
-                                       out_shardings=(replicated, replicated), donate_argnums=(1, 2))
+            self._micro[key] = jax.jit(micro, in_shardings=(params_sh, replicated, params_sh, batch_sharding),
+                                       out_shardings=(replicated, params_sh), donate_argnums=(1, 2))
         return self._micro[key]
+
+    def trace_micro(self, c: int, C: int, S: int, K: int):
+        """The micro-batch program of shape (c, C, S, K) traced on abstract inputs (`longtrain plan`)."""
+        mesh, R = self.mesh(c), len(self.devices)
+        params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), self._abstract,
+                              self.param_shardings(c))
+        loss = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+        rows = NamedSharding(mesh, P("data", "context"))
+        batch = {k: jax.ShapeDtypeStruct((R // c, c * C), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                         sharding=rows) for k in BATCH_KEYS}
+        return self._micro_program(c, C, S, K).trace(params, loss, params, batch)
+
+    def trace_update(self, abstract_state: dict):
+        """The update program (one optimizer step on the summed gradient) traced on abstract inputs."""
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        return self._update.trace(abstract_state, scalar, abstract_state["params"], scalar)
+
+    def largest_micro_shape(self) -> tuple[int, int, int, int]:
+        """(c, C, S, K) of the largest micro-batch program the scheduler can emit: one group of every rank,
+        capacity C, split region S = C holding one split document (2 pieces per rank)."""
+        C = self.config.data.balance.capacity or self.config.data.seq_len
+        return len(self.devices), C, C, 2 if self._lightning else 0
 
     def put_micro_batch(self, mb: dict) -> dict:
         """Host rank buffers -> device [R/c, c*C] group rows sharded data x context on the per-c mesh.
@@ -139,23 +188,23 @@ class BalancedStep:
         return out
 
     def loss_and_grad_sums(self, params: Any, micro_batches: list) -> tuple[jax.Array, Any]:
-        """(sum of masked token losses, its gradient) over all micro-batches; grads replicated on the last
-        micro-batch's mesh (moved between per-c meshes as replicated arrays: same devices, no reshard)."""
-        acc_loss, acc_grads, cur, on_mesh = None, None, None, {}
+        """(sum of masked token losses, its gradient) over all micro-batches; grads ZeRO-3 sharded on the last
+        micro-batch's view (views of the same devices with equivalent shardings: moving between them copies
+        nothing)."""
+        acc_loss, acc_grads, cur = None, None, None
         for mb in micro_batches:
             c = int(mb["context"])
-            replicated = NamedSharding(self.mesh(c), P())
-            if c not in on_mesh:  # the parameters once per degree per step
-                on_mesh[c] = jax.device_put(params, replicated)
-            p = on_mesh[c]
+            replicated, params_sh = NamedSharding(self.mesh(c), P()), self.param_shardings(c)
+            p = jax.device_put(params, params_sh)  # already there: the same blocks on the same devices
             if acc_grads is None:
                 acc_loss = jax.device_put(jnp.zeros((), jnp.float32), replicated)
-                acc_grads = jax.device_put(jax.tree.map(jnp.zeros_like, params), replicated)
+                acc_grads = jax.jit(lambda q: jax.tree.map(jnp.zeros_like, q), out_shardings=params_sh)(p)
             elif cur != c:
-                acc_loss, acc_grads = jax.device_put((acc_loss, acc_grads), replicated)
+                acc_loss, acc_grads = jax.device_put((acc_loss, acc_grads), (replicated, params_sh))
             cur = c
             batch = self.put_micro_batch(mb)
-            program = self._micro_program(c, batch["tokens"].shape[1] // c, int(mb["split_region"]))
+            K = int(mb.get("split_pieces", 0)) if self._lightning else 0  # softmax models: one program per (c, S)
+            program = self._micro_program(c, batch["tokens"].shape[1] // c, int(mb["split_region"]), K)
             acc_loss, acc_grads = program(p, acc_loss, acc_grads, batch)
         if acc_grads is None:
             raise ValueError("balance-mode step has no micro-batches")
@@ -165,7 +214,7 @@ class BalancedStep:
         loss, grads = self.loss_and_grad_sums(state["params"], step_batch["micro_batches"])
         if self._update is None:
             raise ValueError("BalancedStep was built without optimizer/schedule/state_shardings: no update step")
-        grads = jax.device_put(grads, self.state_shardings["params"])  # replicated on the main mesh
+        grads = jax.device_put(grads, self.state_shardings["params"])  # the same blocks, on the main mesh
         loss = jax.device_put(loss, self.state_shardings["step"])
         n = jax.device_put(jnp.float32(step_batch["num_targets"]), self.state_shardings["step"])
         return self._update(state, loss, grads, n)

@@ -112,7 +112,9 @@ def build_session(config: Config, *, with_data: bool = True) -> Session:
     mesh, runtime = build_mesh_and_runtime(config)
     logical_axes = models.param_logical_axes(config.model)
     abstract_params = jax.eval_shape(lambda key: models.init(config.model, key), jax.random.PRNGKey(0))
-    param_shardings = parallel.param_shardings(abstract_params, logical_axes, mesh)
+    # balance mode: ZeRO-3 over the whole pool, so micro-batches of any context degree find their shards in place
+    shard = parallel.pool_param_shardings if config.data.balance.enabled else parallel.param_shardings
+    param_shardings = shard(abstract_params, logical_axes, mesh)
     session = Session(config=config, mesh=mesh, runtime=runtime, logical_axes=logical_axes,
                       param_shardings=param_shardings)
     context = mesh.shape["context"]

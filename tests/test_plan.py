@@ -77,6 +77,14 @@ def test_plan_in_balance_mode_compiles_the_largest_micro_batch_program_of_a_hybr
     assert refused.returncode == 2 and "--explain" in refused.stderr and "data.balance.enabled" in refused.stderr
 
 
+def test_balanced_longtail_8b_config_fits_8_devices_of_80_gib():
+    r = _plan([os.path.join(REPO, "configs", "balanced_longtail.yaml"), "--devices", "8", "--memory-limit", "80GiB"])
+    assert r.returncode == 0 and "fits:" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    n_params = 128256 * 4096 * 2 + 32 * (4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096) + 4096
+    assert _gib(r.stdout, "params") == pytest.approx(4 * n_params / 8, rel=0.01)  # ZeRO-3 over all 8 devices
+    assert "c=8 ranks x 32768 tokens" in r.stdout
+
+
 def test_explain_names_the_largest_buffer_at_the_peak_and_its_source_line():
     """parallel.hlo_memory reads XLA's buffer assignment: a program whose temp memory is one [512, 512] fp32
     product reports that buffer first, with the line of this file that made it."""

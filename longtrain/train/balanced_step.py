@@ -14,7 +14,7 @@ optimizer moment is split over data x fsdp x context as one flattened axis in de
 gives every device the same block and changing c between micro-batches moves no bytes. A micro-batch gathers the
 weights as it uses them and adds its gradient into the sharded accumulator (a reduce-scatter, not a replicated
 all-reduce); the global target count divides once, in `step.apply_gradients`, like the normal step (same
-clipping, AdamW, NaN skip). Programs: one jit per (c, C, S) for the micro-batch and one for the update.
+clipping, AdamW, NaN skip). Programs: one jit per (c, C, S, K) for the micro-batch and one for the update.
 
 Lightning layers (the MiniMax hybrid) pass their decayed states between the pieces of a split document across the
 group's ranks, in the document's position order (`parallel/lightning_pieces.py`); MoE layers run unchanged.
@@ -69,22 +69,21 @@ class BalancedStep:
     def __init__(self, config: Config, optimizer=None, schedule: Callable | None = None,
                  state_shardings: dict | None = None, devices=None):
         """Without optimizer/schedule/state_shardings only `loss_and_grad_sums` is available (tests, planning)."""
+        from longtrain import models
+        from longtrain.models.minimax import LINEAR, resolved_layer_types
+        from longtrain.parallel import pool_param_shardings
+
         check_balance_config(config)
         self.config = config
         self.devices = list(jax.devices() if devices is None else devices)
         self.state_shardings = state_shardings
-        from longtrain import models
-        from longtrain.models.minimax import LINEAR, resolved_layer_types
-        from longtrain.parallel import make_mesh, pool_param_shardings
-
-        self._abstract = abstract = jax.eval_shape(lambda: models.init(config.model, jax.random.PRNGKey(0)))
-        pool = pool_param_shardings(abstract, models.param_logical_axes(config.model),
-                                    make_mesh(data=len(self.devices), devices=self.devices))
+        self._meshes: dict[int, Any] = {}
+        self._micro: dict[tuple[int, int, int, int], Callable] = {}
+        self._abstract = jax.eval_shape(lambda: models.init(config.model, jax.random.PRNGKey(0)))
+        pool = pool_param_shardings(self._abstract, models.param_logical_axes(config.model), self.mesh(1))
         self._param_specs = jax.tree.map(lambda s: s.spec, pool)  # the same specs serve every view
         self._lightning = (config.model.architecture == "minimax"
                            and LINEAR in resolved_layer_types(config.model))  # lightning layers pass states
-        self._meshes: dict[int, Any] = {}
-        self._micro: dict[tuple[int, int], Callable] = {}
         self._update = None if optimizer is None else jax.jit(
             lambda state, loss, grads, n: apply_gradients(state, loss, grads, n, optimizer, schedule),
             in_shardings=(state_shardings, None, state_shardings["params"], None),

@@ -9,6 +9,8 @@ there is one implementation of every model.
 """
 from __future__ import annotations
 
+import copy
+
 from flax import nnx
 
 from longtrain.models.layers import logical_axes_of
@@ -30,7 +32,8 @@ def abstract_model(config):
     if key not in _ABSTRACT:
         if len(_ABSTRACT) >= 64:
             _ABSTRACT.clear()
-        _ABSTRACT[key] = nnx.split(nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0))))
+        frozen = copy.deepcopy(config)  # the graphdef keeps its config: a later in-place edit must not reach it
+        _ABSTRACT[key] = nnx.split(nnx.eval_shape(lambda: build(frozen, rngs=nnx.Rngs(0))))
     return _ABSTRACT[key]
 
 

@@ -38,13 +38,23 @@ def piece_runs(segment_ids, positions):
     return jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
 
 
-def _local(q, k, v, slope, seg, pos, *, num_pieces, impl, block_size):
+def _local(q, k, v, slope, seg, pos, *, num_pieces, region, impl, block_size):
     run = piece_runs(seg, pos)
     live = seg != 0
     out = kernels.lightning_attention(q, k, v, slope, segment_ids=jnp.where(live, run + 1, 0), impl=impl,
                                       block_size=block_size)
     if num_pieces == 0:
         return out
+    # the pieces that pass states lie in the first `region` tokens; a whole document among the first runs that
+    # reaches past them starts at position 0, so it neither needs nor gives a state (its summary goes unread)
+    R = out.shape[1] if region is None else min(region, out.shape[1])
+    carried = _carried(q[:, :R], k[:, :R], v[:, :R], slope, seg[:, :R], pos[:, :R], run[:, :R], num_pieces)
+    return jnp.concatenate([(out[:, :R].astype(carried.dtype) + carried).astype(out.dtype), out[:, R:]], axis=1)
+
+
+def _carried(q, k, v, slope, seg, pos, run, num_pieces):
+    """The incoming-state term of every token of the first `num_pieces` runs (module docstring), fp32."""
+    live = seg != 0
     acc = jnp.promote_types(q.dtype, jnp.float32)
     slope = slope.astype(acc)
     in_run = (run[..., None] == jnp.arange(num_pieces)) & live[..., None]  # [B,N,K]
@@ -63,15 +73,16 @@ def _local(q, k, v, slope, seg, pos, *, num_pieces, impl, block_size):
     s_in = jnp.einsum("bkgh,bghde->bkhde", coef, g_s)  # [B,K,H,Dk,Dv]
     lam = jnp.exp(-slope * jnp.where(in_run, pos_f[..., None] + 1 - start[:, None, :], 0)[..., None])
     lam = jnp.where(in_run[..., None], lam, 0)  # [B,N,K,H]
-    carried = jnp.einsum("bnkh,bnhd,bkhde->bnhe", lam, q.astype(acc), s_in)
-    return (out.astype(acc) + carried).astype(out.dtype)
+    return jnp.einsum("bnkh,bnhd,bkhde->bnhe", lam, q.astype(acc), s_in)
 
 
-def piece_lightning_attention(q, k, v, slope, *, mesh, segment_ids, positions, num_pieces: int, impl="auto",
-                              block_size=64):
+def piece_lightning_attention(q, k, v, slope, *, mesh, segment_ids, positions, num_pieces: int, region=None,
+                              impl="auto", block_size=64):
     """Lightning attention on global [B, N] buffers sharded over `context` (q, k [B,N,H,Dk], v [B,N,H,Dv], slope
     [H]) whose tokens carry their document (`segment_ids`, 0 = padding) and position in it (`positions`); see the
-    module docstring. Equals the single-device kernel on the documents reassembled in position order."""
+    module docstring. Equals the single-device kernel on the documents reassembled in position order.
+    `region` (static): the state-passing pieces lie in each rank block's first `region` tokens (balance mode's
+    split region S); the K-sized work and buffers then cover S tokens, not the whole block."""
     B, N, H, _ = q.shape
     spec, seg_spec = io_specs(mesh, B, (H,))
     slope_spec = jax.sharding.PartitionSpec(spec[2])
@@ -80,7 +91,8 @@ def piece_lightning_attention(q, k, v, slope, *, mesh, segment_ids, positions, n
             put(positions.astype(jnp.int32), seg_spec))
 
     def local(q, k, v, slope, seg, pos):
-        return _local(q, k, v, slope, seg, pos, num_pieces=num_pieces, impl=impl, block_size=block_size)
+        return _local(q, k, v, slope, seg, pos, num_pieces=num_pieces, region=region, impl=impl,
+                      block_size=block_size)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, slope_spec, seg_spec, seg_spec),
                          out_specs=spec, check_vma=False)(*args)

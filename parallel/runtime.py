@@ -17,7 +17,7 @@ class ParallelRuntime:
 
     def __init__(self, mesh, *, strategy="auto", layout="zigzag", attention_impl="auto", lightning_impl="auto",
                  lightning_block_size=64, ulysses_degree=None, lightning_variant="all_gather", token_index=None,
-                 ring_region=None, param_axes=PARAM_RULES["embed"], lightning_pieces=0):
+                 ring_region=None, param_axes=PARAM_RULES["embed"], lightning_pieces=None):
         """`token_index` [B,N] int32 (optional, usually traced): explicit causal index per token for the ring
         strategy (balance mode builds one runtime per micro-batch with token_index=positions). `ring_region` (static
         int S, with token_index): only the first S tokens of each rank's block ring; the rest attend locally.
@@ -54,9 +54,14 @@ class ParallelRuntime:
 
     def lightning_attention(self, q, k, v, slope, *, segment_ids):
         if self.token_index is not None:  # balance mode: buffers of document pieces, causality by position
+            if self.lightning_pieces is None:  # never run split pieces from a zero state silently
+                raise ValueError("lightning attention with an explicit token_index (balance mode) needs "
+                                 "lightning_pieces: how many runs at the start of each rank block pass states "
+                                 "(the micro-batch's split_pieces)")
             return piece_lightning_attention(q, k, v, slope, mesh=self.mesh, segment_ids=segment_ids,
                                              positions=self.token_index, num_pieces=self.lightning_pieces,
-                                             impl=self.lightning_impl, block_size=self.lightning_block_size)
+                                             region=self.ring_region, impl=self.lightning_impl,
+                                             block_size=self.lightning_block_size)
         return context_lightning_attention(q, k, v, slope, mesh=self.mesh, layout=self.layout,
                                            segment_ids=segment_ids, variant=self.lightning_variant,
                                            impl=self.lightning_impl, block_size=self.lightning_block_size)

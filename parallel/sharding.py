@@ -80,13 +80,15 @@ def pool_spec(logical_axes, shape, mesh) -> PartitionSpec:
     its largest dimension, that the pool size divides; replicated when none does (tiny arrays, norms of odd
     sizes). All or nothing: a partial split would differ between views and move bytes when c changes."""
     if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1:
-        raise ValueError(f"pool sharding spans data x fsdp x context; mesh has tensor={mesh.shape['tensor']}")
-    pool = math.prod(mesh.shape[a] for a in POOL_AXES if a in mesh.axis_names)
+        raise ValueError(f"pool sharding spans data x fsdp x context; this mesh has tensor={mesh.shape['tensor']} "
+                         f"(set mesh.tensor=1)")
+    axes = tuple(a for a in POOL_AXES if a in mesh.axis_names)
+    pool = math.prod(mesh.shape[a] for a in axes)
     fits = [i for i, dim in enumerate(shape) if dim % pool == 0]
     spec = [None] * len(shape)
     if pool > 1 and fits:
         embed = [i for i in fits if logical_axes[i] == "embed"]
-        spec[embed[0] if embed else max(fits, key=lambda i: shape[i])] = POOL_AXES
+        spec[embed[0] if embed else max(fits, key=lambda i: shape[i])] = axes
     return PartitionSpec(*spec)
 
 

@@ -124,7 +124,8 @@ def test_balance_mode_refuses_tensor_parallelism_by_name():
         check_balance_config(Config(model=_config().model, mesh=MeshConfig(data=4, context=1, tensor=2)))
 
 
-@pytest.mark.parametrize("key,value", [("context_strategy", "token_ring"), ("layout", "contiguous")])
+@pytest.mark.parametrize("key,value", [("context_strategy", "token_ring"), ("layout", "contiguous"),
+                                       ("lightning_variant", "ring")])
 def test_balance_mode_refuses_a_context_setting_it_would_ignore(key, value):
     from longtrain.train.balanced_step import check_balance_config
 

@@ -57,7 +57,7 @@ def test_pieces_of_split_documents_pass_their_state_in_position_order():
         mesh = make_mesh(data=R // c, context=c)
         f = lambda q, k, v: piece_lightning_attention(  # noqa: E731
             q, k, v, slope, mesh=mesh, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos),
-            num_pieces=arrays["split_pieces"], impl="reference")
+            num_pieces=arrays["split_pieces"], region=mb.split_region, impl="reference")
         got, vjp = jax.vjp(jax.jit(f), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
         live = (seg != 0)[..., None, None]
         assert_close(np.where(live, got, 0), want, 1e-5, f"output c={c}")

@@ -68,16 +68,16 @@ def plan(config, explain: int = 0) -> dict:
     from longtrain.train.program import build_program, per_device_bytes
     from longtrain.train.setup import build_session
 
+    if config.data.balance.enabled and explain:
+        from longtrain.config import ConfigError
+
+        raise ConfigError("plan --explain reads the static train step's buffer assignment; balance mode "
+                          "(data.balance.enabled=true) runs per-micro-batch programs it does not dump yet: "
+                          "drop --explain")
     session = build_session(config, with_data=False)
     program = build_program(config, session)
     t0 = time.perf_counter()
     if config.data.balance.enabled:
-        if explain:
-            from longtrain.config import ConfigError
-
-            raise ConfigError("plan --explain reads the static train step's buffer assignment; balance mode "
-                              "(data.balance.enabled=true) runs per-micro-batch programs it does not dump yet: "
-                              "drop --explain")
         return _plan_balanced(config, session, program, t0)
     lowered = program.train_step.lower(program.abstract_state, session.abstract_batch())
     peak = None
@@ -184,8 +184,10 @@ def print_report(config, report: dict, out=sys.stdout) -> None:
     if balance:
         print(f"plan: {report['devices']} devices, balance mode (ZeRO-3 state over the pool): the largest "
               f"micro-batch program, one context group of c={balance['context']} ranks x {balance['capacity']} "
-              f"tokens, split region {balance['split_region']}, ring attention; compiled in "
-              f"{report['compile_s']:.1f}s", file=out)
+              f"tokens, split region {balance['split_region']}"
+              + (f", {balance['pieces']} lightning pieces per rank" if balance["pieces"] else "")
+              + "; ring attention; compiled in "
+              + f"{report['compile_s']:.1f}s", file=out)
     else:
         print(f"plan: {report['devices']} devices, mesh {mesh}, context strategy {m.context_strategy}, layout "
               f"{m.layout}; compiled in {report['compile_s']:.1f}s", file=out)

@@ -54,6 +54,10 @@ def check_balance_config(config: Config) -> None:
         raise ConfigError(f"data.balance.enabled=true lays every split document out zigzag over its group (the "
                           f"scheduler places the pieces); mesh.layout={config.mesh.layout!r} does not apply: set "
                           f"mesh.layout=zigzag")
+    if config.mesh.lightning_variant != "all_gather":
+        raise ConfigError(f"data.balance.enabled=true passes lightning states by all-gathering each group's piece "
+                          f"summaries; mesh.lightning_variant={config.mesh.lightning_variant!r} does not apply: set "
+                          f"mesh.lightning_variant=all_gather")
     if config.optim.mode != "full":
         raise ConfigError(f"data.balance.enabled=true supports optim.mode=full only; got "
                           f"optim.mode={config.optim.mode!r}")
@@ -148,9 +152,21 @@ class BalancedStep:
         scalar = jax.ShapeDtypeStruct((), jnp.float32)
         return self._update.trace(abstract_state, scalar, abstract_state["params"], scalar)
 
+    def pieces(self, mb: dict) -> int:
+        """K of a micro-batch: 0 for softmax-only models (one program per (c, C, S)); for lightning layers the
+        split pieces per rank buffer rounded up to a power of two, so a run compiles few K variants."""
+        if not self._lightning or int(mb["context"]) == 1:
+            return 0
+        if "split_pieces" not in mb:
+            raise ValueError("balance micro-batch lacks 'split_pieces' (packing.plan_to_batches sets it): lightning "
+                             "layers need it to pass states between a split document's pieces")
+        n = int(mb["split_pieces"])
+        return 0 if n == 0 else 1 << (n - 1).bit_length()
+
     def largest_micro_shape(self) -> tuple[int, int, int, int]:
         """(c, C, S, K) of the largest micro-batch program the scheduler can emit: one group of every rank,
-        capacity C, split region S = C holding one split document (2 pieces per rank)."""
+        capacity C, split region S = C; for lightning layers K = 2, one split document filling the region (more
+        split documents make shorter pieces in the same region: K grows, the pieces' buffers [S, K, H, D] too)."""
         C = self.config.data.balance.capacity or self.config.data.seq_len
         return len(self.devices), C, C, 2 if self._lightning else 0
 
@@ -202,7 +218,7 @@ class BalancedStep:
                 acc_loss, acc_grads = jax.device_put((acc_loss, acc_grads), (replicated, params_sh))
             cur = c
             batch = self.put_micro_batch(mb)
-            K = int(mb.get("split_pieces", 0)) if self._lightning else 0  # softmax models: one program per (c, S)
+            K = self.pieces(mb)
             program = self._micro_program(c, batch["tokens"].shape[1] // c, int(mb["split_region"]), K)
             acc_loss, acc_grads = program(p, acc_loss, acc_grads, batch)
         if acc_grads is None:

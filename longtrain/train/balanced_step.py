@@ -33,8 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longtrain.config import Config, ConfigError
 from longtrain.parallel.sharding import POOL_AXES
-from longtrain.train.model_loss import loss_sum
-from longtrain.train.step import apply_gradients
+from longtrain.train.model_loss import make_micro_value_and_grad
+from longtrain.train.step import accumulate_micro, apply_gradients
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 
@@ -119,18 +119,19 @@ class BalancedStep:
             replicated = NamedSharding(mesh, P())
             batch_sharding = NamedSharding(mesh, P("data", "context"))
 
-            def micro(params, acc_loss, acc_grads, batch):
-                def f(p):
-                    runtime = ParallelRuntime(mesh, strategy="ring", layout="contiguous",
-                                              attention_impl=config.model.attention_impl,
-                                              lightning_impl=config.model.lightning_impl,
-                                              lightning_block_size=config.model.lightning_block_size,
-                                              token_index=batch["positions"], ring_region=S,
-                                              param_axes=POOL_AXES, lightning_pieces=K)
-                    return loss_sum(config, p, batch, runtime)
+            def runtime_for(batch):  # ring over the group, causality from the positions of the pieces
+                return ParallelRuntime(mesh, strategy="ring", layout="contiguous",
+                                       attention_impl=config.model.attention_impl,
+                                       lightning_impl=config.model.lightning_impl,
+                                       lightning_block_size=config.model.lightning_block_size,
+                                       token_index=batch["positions"], ring_region=S, param_axes=POOL_AXES,
+                                       lightning_pieces=K)
 
-                loss, grads = jax.value_and_grad(f)(params)
-                return acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads)
+            # the plain step's micro-batch function and accumulation, with this micro-batch's runtime
+            value_and_grad = make_micro_value_and_grad(config, runtime_for)
+
+            def micro(params, acc_loss, acc_grads, batch):
+                return accumulate_micro(value_and_grad, params, batch, None, (acc_loss, acc_grads))
 
             self._micro[key] = jax.jit(micro, in_shardings=(params_sh, replicated, params_sh, batch_sharding),
                                        out_shardings=(replicated, params_sh), donate_argnums=(1, 2))

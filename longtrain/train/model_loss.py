@@ -77,12 +77,15 @@ def _reduce_once_over_data(micro, mesh):
 
 def make_micro_value_and_grad(config: Config, runtime: Any, *, mesh_shape: dict | None = None,
                               grad_shardings: Any = None, mesh: Any = None):
-    """(params, micro_batch, rng) -> (loss_sum, grads of loss_sum) for `config.optim.mode`. `mesh`: with chunk-wise
-    modes, data parallelism and unsharded parameters (fsdp = tensor = 1), the gradient is reduced once per
-    micro-batch instead of once per chunk (`_reduce_once_over_data`)."""
+    """(params, micro_batch, rng) -> (loss_sum, grads of loss_sum) for `config.optim.mode`. `runtime`: the models'
+    runtime, or (mode full) a function of the micro-batch that builds it (balance mode: each micro-batch's ring
+    takes its token indices from the batch). `mesh`: with chunk-wise modes, data parallelism and unsharded
+    parameters (fsdp = tensor = 1), the gradient is reduced once per micro-batch instead of once per chunk
+    (`_reduce_once_over_data`)."""
     mode = config.optim.mode
     if mode == "full":
-        return jax.value_and_grad(lambda params, batch, rng: loss_sum(config, params, batch, runtime))
+        runtime_for = runtime if callable(runtime) else (lambda _: runtime)  # runtimes are not callable
+        return jax.value_and_grad(lambda params, batch, rng: loss_sum(config, params, batch, runtime_for(batch)))
     if mode in ("seco", "spaco"):
         try:
             from longtrain.chunkwise import chunkwise_value_and_grad

@@ -36,6 +36,16 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
     }
 
 
+def accumulate_micro(micro_value_and_grad: MicroValueAndGrad, params: Any, batch: Batch, rng, acc=None):
+    """(loss sum, gradient sum) after one more micro-batch: `acc` (None for the first) plus this micro-batch's.
+    Every step accumulates through here: the plain step's loop inside its program, and balance mode's programs of
+    one micro-batch each (`balanced_step.py`)."""
+    loss_sum, grads = micro_value_and_grad(params, batch, rng)
+    if acc is None:
+        return loss_sum, grads
+    return acc[0] + loss_sum, jax.tree.map(jnp.add, acc[1], grads)
+
+
 def _micro_batch(batch: Batch, index, accum: int) -> Batch:
     def take(x):
         b = x.shape[0]
@@ -59,14 +69,13 @@ def make_train_step(
         num_targets = jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
         if grad_accum == 1:
-            loss_sum, grads = micro_value_and_grad(params, batch, rng)
+            loss_sum, grads = accumulate_micro(micro_value_and_grad, params, batch, rng)
         else:
             zeros = jax.tree.map(jnp.zeros_like, params)
 
             def body(j, carry):
-                acc_loss, acc_grads = carry
-                l, g = micro_value_and_grad(params, _micro_batch(batch, j, grad_accum), jax.random.fold_in(rng, j))
-                return acc_loss + l, jax.tree.map(jnp.add, acc_grads, g)
+                return accumulate_micro(micro_value_and_grad, params, _micro_batch(batch, j, grad_accum),
+                                        jax.random.fold_in(rng, j), carry)
 
             loss_sum, grads = jax.lax.fori_loop(0, grad_accum, body, (jnp.zeros((), jnp.float32), zeros))
 

@@ -13,7 +13,6 @@ import copy
 
 from flax import nnx
 
-from longtrain.models.layers import logical_axes_of
 from longtrain.models.registry import get_architecture
 
 
@@ -69,12 +68,17 @@ def forward(config, params, tokens, *, positions=None, segment_ids=None, runtime
 
 def param_logical_axes(config) -> dict:
     """Logical axis names per parameter dimension (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
-    `layers`, `experts` or None), read from the parameters' metadata; a nested dict like `init`'s."""
+    `layers`, `experts` or None), read from the parameters' metadata (`out_sharding`, set by `layers.param`); a
+    nested dict like `init`'s. A parameter created without names is an error, never silently replicated."""
     _, state = abstract_model(config)
     axes: dict = {}
     for path, variable in nnx.to_flat_state(state):
+        names = variable.get_metadata().get("out_sharding")
+        if names is None:
+            raise ValueError(f"parameter {'.'.join(map(str, path))} of architecture {config.architecture!r} has no "
+                             "logical axis names (create it with models.layers.param)")
         node = axes
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = logical_axes_of(variable)
+        node[path[-1]] = tuple(names)
     return axes

@@ -47,11 +47,6 @@ def param(key, shape: tuple, axes: tuple, config, init: str = "normal") -> nnx.P
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
-def logical_axes_of(variable: nnx.Variable) -> tuple:
-    """The logical axis names a parameter was created with (leading `layers` for a stacked layer)."""
-    return tuple(variable.get_metadata().get("out_sharding") or (None,) * variable[...].ndim)
-
-
 def dense(x, kernel, bias=None, *, dtype: str, contract: int = 1):
     """`x[..., in...] @ kernel[in..., out...] (+ bias[out...])`, contracting the last `contract` dims of x with the
     first `contract` dims of the kernel; fp32 accumulation (fp64 for an fp64 model), output in `dtype`."""

@@ -38,9 +38,9 @@ class ParallelRuntime:
         self.lightning_variant = lightning_variant
 
     @classmethod
-    def from_config(cls, mesh, mesh_config, model_config) -> "ParallelRuntime":
+    def from_config(cls, mesh, mesh_config, model_config, *, param_axes=PARAM_RULES["embed"]) -> "ParallelRuntime":
         """From `longtrain.config.MeshConfig` (strategy, layout, ulysses_degree) and `ModelConfig` (impls)."""
-        return cls(mesh, strategy=mesh_config.context_strategy, layout=mesh_config.layout,
+        return cls(mesh, param_axes=param_axes, strategy=mesh_config.context_strategy, layout=mesh_config.layout,
                    attention_impl=model_config.attention_impl, lightning_impl=model_config.lightning_impl,
                    lightning_block_size=model_config.lightning_block_size,
                    ulysses_degree=getattr(mesh_config, "ulysses_degree", None),

@@ -228,3 +228,18 @@ def test_a_seed_gives_the_parameters_it_gave_before_the_models_were_modules():
     from_rngs = nnx.to_pure_dict(nnx.state(models.build(config, rngs=nnx.Rngs(5))))
     np.testing.assert_array_equal(from_rngs["embed"]["embedding"],
                                   normal(jax.random.split(jax.random.split(rngs_key)[0])[0], (61, 16)))
+
+
+def test_a_parameter_without_logical_axis_names_is_an_error_naming_it(monkeypatch):
+    """param_logical_axes never replicates a parameter silently: one created without names is refused by path."""
+    from flax import nnx
+
+    from longtrain.models import entry_points
+
+    class Unnamed(nnx.Module):
+        def __init__(self):
+            self.proj = nnx.Linear(4, 4, rngs=nnx.Rngs(0))  # flax's own Linear: no logical axis names
+
+    monkeypatch.setattr(entry_points, "abstract_model", lambda config: nnx.split(nnx.eval_shape(Unnamed)))
+    with pytest.raises(ValueError, match="parameter proj.(bias|kernel) of architecture 'llama' has no logical axis names"):
+        entry_points.param_logical_axes(ModelConfig())

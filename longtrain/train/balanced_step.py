@@ -12,15 +12,16 @@ documents' shards) takes part in ring traffic; the whole documents after it atte
 State is ZeRO-3 over the whole pool (`parallel.sharding.pool_spec`): every parameter, gradient accumulator and
 optimizer moment is split over data x fsdp x context as one flattened axis in device order, so each per-c view
 gives every device the same block and changing c between micro-batches moves no bytes. A micro-batch gathers the
-weights as it uses them and adds its gradient into the sharded accumulator (a reduce-scatter, not a replicated
-all-reduce); the global target count divides once, in `step.apply_gradients`, like the normal step (same
+weights as it uses them and adds its gradient into the sharded accumulator, so each device keeps only its block
+of the gradient (never a replicated copy); the global target count divides once, in `step.apply_gradients`, like the normal step (same
 clipping, AdamW, NaN skip). Programs: one jit per (c, C, S, K) for the micro-batch and one for the update.
 
 Lightning layers (the MiniMax hybrid) pass their decayed states between the pieces of a split document across the
 group's ranks, in the document's position order (`parallel/lightning_pieces.py`); MoE layers run unchanged.
 
-Restrictions (checked in `check_balance_config`): mesh.tensor = 1 (the views split only data and context) and
-optim.mode = full.
+Restrictions (checked in `check_balance_config`, each refused naming its key): mesh.tensor = 1 (the views split only
+data and context), mesh.context_strategy ring (or auto), mesh.layout zigzag, mesh.lightning_variant all_gather,
+optim.mode = full and optim.grad_accum = 1.
 """
 from __future__ import annotations
 
@@ -214,7 +215,7 @@ class BalancedStep:
             p = jax.device_put(params, params_sh)  # already there: the same blocks on the same devices
             if acc_grads is None:
                 acc_loss = jax.device_put(jnp.zeros((), jnp.float32), replicated)
-                acc_grads = jax.jit(lambda q: jax.tree.map(jnp.zeros_like, q), out_shardings=params_sh)(p)
+                acc_grads = jax.tree.map(lambda a, sh: jnp.zeros(a.shape, a.dtype, device=sh), p, params_sh)
             elif cur != c:
                 acc_loss, acc_grads = jax.device_put((acc_loss, acc_grads), (replicated, params_sh))
             cur = c

@@ -99,10 +99,9 @@ def build_mesh_and_runtime(config: Config):
     mesh = parallel.mesh_from_config(config.mesh)
     if mesh.size == 1:
         return mesh, None
-    runtime = parallel.ParallelRuntime.from_config(mesh, config.mesh, config.model)
-    if config.data.balance.enabled:  # the state is ZeRO-3 over the whole pool (eval runs on this runtime)
-        runtime.param_axes = parallel.sharding.POOL_AXES
-    return mesh, runtime
+    # balance mode: the state is ZeRO-3 over the whole pool (eval runs on this runtime)
+    param_axes = parallel.sharding.POOL_AXES if config.data.balance.enabled else parallel.PARAM_RULES["embed"]
+    return mesh, parallel.ParallelRuntime.from_config(mesh, config.mesh, config.model, param_axes=param_axes)
 
 
 def build_session(config: Config, *, with_data: bool = True) -> Session:

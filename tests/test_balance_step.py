@@ -32,7 +32,8 @@ def _config(architecture="llama", **mesh):
 @pytest.mark.parametrize("architecture", ["llama", "minimax"])
 def test_executed_plan_matches_one_big_batch(architecture):
     from longtrain import models
-    from longtrain.train.balanced_step import BalancedStep
+    from longtrain.train.balance_views import ContextGroupViews
+    from longtrain.train.executor import StepExecutor
 
     config = _config(architecture)
     params = jax.jit(lambda key: models.init(config.model, key))(jax.random.PRNGKey(0))
@@ -48,7 +49,7 @@ def test_executed_plan_matches_one_big_batch(architecture):
     assert any(mb.context > 1 and mb.split_region < C and any(mb.rank_docs) for mb in plan.micro_batches)
     micro = [dict(arrays, context=mb.context) for mb, arrays in zip(plan.micro_batches, plan_to_batches(plan, docs))]
 
-    runner = BalancedStep(config)
+    runner = StepExecutor(ContextGroupViews(config))
     with capture_compile_warnings() as warnings:  # every (c, C, S) program compiles inside
         loss_sum, grads = runner.loss_and_grad_sums(params, micro)
     # the embedding rows reach the [batch over data, seq over context] layout without replicating them first
@@ -77,7 +78,6 @@ def test_one_balanced_update_with_zero3_state_equals_the_single_device_update(ar
     plan step equals one single-device AdamW step on the gradient of the big packed batch."""
     from longtrain import models
     from longtrain.data.balance import schedule as balance_schedule
-    from longtrain.train.balanced_step import BalancedStep
     from longtrain.train.optim import make_optimizer
     from longtrain.train.program import build_program
     from longtrain.train.setup import build_session
@@ -102,8 +102,7 @@ def test_one_balanced_update_with_zero3_state_equals_the_single_device_update(ar
     plan = balance_schedule(lengths, 8, 48, "balanced")
     micro = [dict(a, context=mb.context) for mb, a in zip(plan.micro_batches, plan_to_batches(plan, docs))]
     n_targets = count_targets(docs)
-    step = BalancedStep(config, program.optimizer, program.schedule, program.state_shardings)
-    new_state, _ = step(state, {"micro_batches": micro, "num_targets": n_targets})
+    new_state, _ = program.step(state, {"micro_batches": micro, "num_targets": n_targets})
 
     big = pack_rows(docs, best_fit_rows([len(d) for d in docs], 256), 256)
     optimizer, sched = make_optimizer(config.optim, config.train.steps, params0,
@@ -118,7 +117,7 @@ def test_one_balanced_update_with_zero3_state_equals_the_single_device_update(ar
 
 
 def test_balance_mode_refuses_tensor_parallelism_by_name():
-    from longtrain.train.balanced_step import check_balance_config
+    from longtrain.train.balance_views import check_balance_config
 
     with pytest.raises(ConfigError, match="mesh.tensor=1 .got mesh.tensor=2"):
         check_balance_config(Config(model=_config().model, mesh=MeshConfig(data=4, context=1, tensor=2)))
@@ -127,7 +126,7 @@ def test_balance_mode_refuses_tensor_parallelism_by_name():
 @pytest.mark.parametrize("key,value", [("context_strategy", "token_ring"), ("layout", "contiguous"),
                                        ("lightning_variant", "ring")])
 def test_balance_mode_refuses_a_context_setting_it_would_ignore(key, value):
-    from longtrain.train.balanced_step import check_balance_config
+    from longtrain.train.balance_views import check_balance_config
 
     with pytest.raises(ConfigError, match=f"mesh.{key}='{value}'"):
         check_balance_config(Config(model=_config().model, mesh=MeshConfig(data=8, context=1, **{key: value})))
@@ -137,10 +136,10 @@ def test_views_of_every_context_degree_hold_the_same_parameter_blocks():
     """Switching c between micro-batches moves no parameter bytes: the ZeRO-3 shardings of the views
     data=8/c x context=c are equivalent, and putting the parameters on another view returns the same buffers."""
     from longtrain import models
-    from longtrain.train.balanced_step import BalancedStep
+    from longtrain.train.balance_views import ContextGroupViews
 
     config = _config(fsdp=1)
-    runner = BalancedStep(config)
+    runner = ContextGroupViews(config)
     params = jax.jit(lambda key: models.init(config.model, key))(jax.random.PRNGKey(0))
     on = {1: jax.device_put(params, runner.param_shardings(1))}
     for c in (2, 4, 8):  # as loss_and_grad_sums moves them when the next micro-batch has another degree

@@ -79,7 +79,7 @@ def plan(config, explain: int = 0) -> dict:
     t0 = time.perf_counter()
     if config.data.balance.enabled:
         return _plan_balanced(config, session, program, t0)
-    lowered = program.train_step.lower(program.abstract_state, session.abstract_batch())
+    lowered = program.fused_step.lower(program.abstract_state, session.abstract_batch())
     peak = None
     with capture_compile_warnings() as warnings:  # XLA's partitioner warns on fd 2; count what it says
         if explain:  # the same compile, with XLA's dump on: its buffer assignment says what fills temp memory
@@ -122,13 +122,12 @@ def _plan_balanced(config, session, program, t0) -> dict:
 
     from longtrain.parallel.hlo_comm import bytes_per_collective
     from longtrain.parallel.xla_warnings import capture_compile_warnings
-    from longtrain.train.balanced_step import BalancedStep
     from longtrain.train.program import per_device_bytes
 
-    step = BalancedStep(config, program.optimizer, program.schedule, program.state_shardings)
-    R, C, S, K = step.largest_micro_shape()
+    step = program.step
+    R, C, S, K = key = step.view.largest_micro_key()
     with capture_compile_warnings() as warnings:
-        micro = step.trace_micro(R, C, S, K).lower().compile()
+        micro = step.trace_micro(key, step.view.abstract_params).lower().compile()
         update = step.trace_update(program.abstract_state).lower().compile()
     compile_s = time.perf_counter() - t0
 
@@ -168,12 +167,10 @@ def lower_for(config, platform: str) -> int:
     session = build_session(config, with_data=False)
     program = build_program(config, session)
     if config.data.balance.enabled:  # the largest micro-batch program (the one with the ring over every rank)
-        from longtrain.train.balanced_step import BalancedStep
-
-        step = BalancedStep(config, program.optimizer, program.schedule, program.state_shardings)
-        traced = step.trace_micro(*step.largest_micro_shape())
+        step = program.step
+        traced = step.trace_micro(step.view.largest_micro_key(), step.view.abstract_params)
     else:
-        traced = program.train_step.trace(program.abstract_state, session.abstract_batch())
+        traced = program.fused_step.trace(program.abstract_state, session.abstract_batch())
     return len(traced.lower(lowering_platforms=(platform,)).as_text())
 
 

@@ -9,9 +9,9 @@ import jax
 import optax
 
 from longtrain.config import Config
-from longtrain.train.model_loss import make_micro_value_and_grad
+from longtrain.train.executor import MainView, StepExecutor, build_fused_step
 from longtrain.train.optim import make_optimizer
-from longtrain.train.step import init_state, make_train_step
+from longtrain.train.step import init_state
 
 
 @dataclasses.dataclass
@@ -22,7 +22,8 @@ class TrainProgram:
     abstract_state: dict          # ShapeDtypeStructs carrying the state shardings (restore target, AOT input)
     init: Callable                # jitted key -> sharded fresh state (each device builds only its shards)
     init_with_params: Callable    # jitted params -> fresh state around given (sharded) params
-    train_step: Callable          # jitted (state, batch) -> (state, metrics), state donated
+    step: StepExecutor            # (state, step plan) -> (state, metrics), state donated: every mode's step
+    fused_step: Callable | None   # the jitted one-program step of uniform plans (None in balance mode)
 
 
 def build_program(config: Config, session) -> TrainProgram:
@@ -36,15 +37,20 @@ def build_program(config: Config, session) -> TrainProgram:
     shapes = jax.eval_shape(fresh_state, jax.random.PRNGKey(config.train.seed))
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                                   state_shardings)
-    micro = make_micro_value_and_grad(config, session.runtime, mesh_shape=dict(session.mesh.shape),
-                                      grad_shardings=state_shardings["params"], mesh=session.mesh)
-    step_fn = make_train_step(micro, optimizer, schedule, grad_accum=config.optim.grad_accum)
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, session.batch_sharding),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    if config.data.balance.enabled:  # micro-batches of their own context degree on views of the pool
+        from longtrain.train.balance_views import ContextGroupViews
+
+        view, fused_step = ContextGroupViews(config), None
+    else:  # grad_accum micro-batches on the session's mesh: the fused one-program step
+        view = MainView(config, session, state_shardings)
+        fused_step = build_fused_step(view.value_and_grad, optimizer, schedule, config.optim.grad_accum,
+                                      state_shardings, session.batch_sharding)
+    step = StepExecutor(view, optimizer, schedule, state_shardings, fused_step)
     init = jax.jit(fresh_state, out_shardings=state_shardings)
     init_with_params = jax.jit(lambda params: init_state(params, optimizer, config.train.seed),
                                in_shardings=(state_shardings["params"],), out_shardings=state_shardings)
-    return TrainProgram(optimizer, schedule, state_shardings, abstract_state, init, init_with_params, train_step)
+    return TrainProgram(optimizer, schedule, state_shardings, abstract_state, init, init_with_params, step,
+                        fused_step)
 
 
 def per_device_bytes(abstract_tree: Any) -> int:

@@ -18,8 +18,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longtrain.config import Config, ConfigError, resolve_mesh_shape
-
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+from longtrain.train.step import BATCH_KEYS, require_batch_keys
 
 
 @dataclasses.dataclass
@@ -58,9 +57,7 @@ class Session:
         """Global host batch (numpy [B, T], natural token order) -> sharded device arrays in the mesh's sequence
         layout. Every process holds the same global batch and hands each of its devices only that device's block,
         so N processes compute exactly what one process with all devices computes."""
-        missing = [k for k in BATCH_KEYS if k not in host_batch]
-        if missing:
-            raise KeyError(f"data batch lacks {missing}; a batch needs {BATCH_KEYS}")
+        require_batch_keys(host_batch)
         sharding = self.batch_sharding
         out = {}
         for k in BATCH_KEYS:
@@ -69,6 +66,15 @@ class Session:
                 x = x[:, self.layout_perm]
             out[k] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
         return out
+
+    def step_plan(self, host_batch: dict) -> dict:
+        """The plan the step executes (`executor.py`): the balance loader yields one; a plain batch is the uniform
+        plan of optim.grad_accum micro-batches at c = mesh.context."""
+        if "micro_batches" in host_batch:
+            return host_batch
+        from longtrain.train.executor import uniform_plan
+
+        return uniform_plan(host_batch, self.config.optim.grad_accum, self.mesh.shape["context"])
 
     def abstract_batch(self) -> dict:
         d = self.config.data
@@ -107,8 +113,8 @@ def build_mesh_and_runtime(config: Config):
 def build_session(config: Config, *, with_data: bool = True) -> Session:
     from longtrain import models, parallel
 
-    if config.data.balance.enabled:  # plans run on per-micro-batch meshes (train/balanced_step.py)
-        from longtrain.train.balanced_step import check_balance_config
+    if config.data.balance.enabled:  # plans run on per-micro-batch meshes (train/balance_views.py)
+        from longtrain.train.balance_views import check_balance_config
 
         check_balance_config(config)
     mesh, runtime = build_mesh_and_runtime(config)
@@ -163,7 +169,8 @@ def attach_data(session: Session) -> None:
 
     Every process reads the whole global batch (`process_count=1`) and `put_batch` keeps its devices' blocks:
     the batches, and so the losses, do not depend on how many processes share the devices. In balance mode a
-    process gets only its ranks' rows of each micro-batch (the plan is global), and `BalancedStep` places them."""
+    process gets only its ranks' rows of each micro-batch (the plan is global), and
+    `balance_views.ContextGroupViews` places them."""
     from longtrain import data
 
     config = session.config

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from longtrain.data.packing import BATCH_KEYS  # noqa: F401 -- the arrays of every (micro-)batch, re-exported
+
 Batch = dict[str, jax.Array]
 # (params, micro_batch, rng) -> (loss_sum fp32 scalar, grads of loss_sum)
 MicroValueAndGrad = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Any]]
@@ -38,12 +40,23 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
 
 def accumulate_micro(micro_value_and_grad: MicroValueAndGrad, params: Any, batch: Batch, rng, acc=None):
     """(loss sum, gradient sum) after one more micro-batch: `acc` (None for the first) plus this micro-batch's.
-    Every step accumulates through here: the plain step's loop inside its program, and balance mode's programs of
-    one micro-batch each (`balanced_step.py`)."""
+    Every step accumulates through here: the fused step's loop inside its program, and the executor's programs of
+    one micro-batch each (`executor.py`)."""
     loss_sum, grads = micro_value_and_grad(params, batch, rng)
     if acc is None:
         return loss_sum, grads
     return acc[0] + loss_sum, jax.tree.map(jnp.add, acc[1], grads)
+
+
+def require_batch_keys(batch: dict) -> None:
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"data batch lacks {missing}; a batch needs {BATCH_KEYS}")
+
+
+def micro_rng(step_rng, index, count: int):
+    """The key of micro-batch `index` of `count` in a step whose key is `step_rng` (every execution path)."""
+    return step_rng if count == 1 else jax.random.fold_in(step_rng, index)
 
 
 def _micro_batch(batch: Batch, index, accum: int) -> Batch:
@@ -75,7 +88,7 @@ def make_train_step(
 
             def body(j, carry):
                 return accumulate_micro(micro_value_and_grad, params, _micro_batch(batch, j, grad_accum),
-                                        jax.random.fold_in(rng, j), carry)
+                                        micro_rng(rng, j, grad_accum), carry)
 
             loss_sum, grads = jax.lax.fori_loop(0, grad_accum, body, (jnp.zeros((), jnp.float32), zeros))
 

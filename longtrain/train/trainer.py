@@ -24,7 +24,6 @@ from longtrain.config import Config, ConfigError, to_dict
 from longtrain.config.resume import resume_changes
 from longtrain.errors import DataError
 from longtrain.train import setup
-from longtrain.train.balanced_step import BalancedStep
 from longtrain.train.checkpoint import Checkpointer
 from longtrain.train.init_from import check_init_from, inherit_token_ids, load_params
 from longtrain.train.metrics import (MetricsFile, WandbSink, document_lengths, peak_flops_per_device,
@@ -60,12 +59,14 @@ def _host_metrics(metrics: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in jax.device_get(metrics).items()}
 
 
-def _nan_batch(host_batch: dict) -> dict:
-    """The batch with a NaN loss mask (every micro-batch of a balance-mode step)."""
+def _nan_plan(step_plan: dict) -> dict:
+    """The step plan with a NaN loss mask in every micro-batch (and in the stacked form of a uniform plan)."""
     nan = lambda b: {**b, "loss_mask": np.full_like(b["loss_mask"], np.nan)}  # noqa: E731
-    if "micro_batches" in host_batch:
-        return {**host_batch, "micro_batches": [nan(mb) for mb in host_batch["micro_batches"]]}
-    return nan(host_batch)
+    out = {**step_plan, "micro_batches": [nan(mb) for mb in step_plan["micro_batches"]],
+           "num_targets": float("nan")}
+    if "stacked" in step_plan:
+        out["stacked"] = nan(step_plan["stacked"])
+    return out
 
 
 def _document_lengths(host_batch: dict) -> np.ndarray:
@@ -162,12 +163,9 @@ def train(config: Config) -> TrainResult:
         state = program.init(jax.random.PRNGKey(config.train.seed))
     start_step = int(jax.device_get(state["step"]))
 
-    balanced = config.data.balance.enabled
-    t0 = time.perf_counter()  # compile once ahead of time, so step times are step times
-    if balanced:  # one program per (c, C) in the plans, compiled on first use (the shapes come with the data)
-        train_step = BalancedStep(config, program.optimizer, program.schedule, state_shardings)
-    else:
-        train_step = program.train_step.lower(abstract_state, session.abstract_batch()).compile()
+    train_step = program.step  # every step executes a plan (train/executor.py)
+    t0 = time.perf_counter()  # compile the fused step ahead of time, so step times are step times
+    ahead = train_step.compile_fused(abstract_state, session.abstract_batch())
     compile_s = time.perf_counter() - t0
     eval_fn = jax.jit(make_eval_step(config, session.runtime), in_shardings=(state_shardings["params"],
                                                                               session.batch_sharding))
@@ -179,8 +177,8 @@ def train(config: Config) -> TrainResult:
     progress = make_progress(config.logging.progress, total_steps, start_step, main)
     if latest is not None:
         progress.message(f"resumed from checkpoint step {latest} in {ckpt.directory}")
-    progress.message(("balance mode: one program per (c, C), compiled on first use" if balanced else
-                      f"compiled the train step in {compile_s:.1f}s") + "; mesh "
+    progress.message((f"compiled the train step in {compile_s:.1f}s" if ahead else
+                      "balance mode: one program per micro-batch shape (c, C), compiled on first use") + "; mesh "
                      + " x ".join(f"{k}={v}" for k, v in session.mesh.shape.items()))
     peak = peak_flops_per_device(jax.devices()[0].device_kind)
     profile = tuple(config.train.profile_steps or ())
@@ -218,14 +216,13 @@ def train(config: Config) -> TrainResult:
                     kept = f"; training state saved at step {step}" if ckpt is not None and step else ""
                     raise DataError(f"{e}{kept} (fix the data, or set data.strict=false to skip bad records, "
                                     "and run again to resume)") from e
+                step_plan = session.step_plan(host_batch)
                 if step in inject_nan:  # fault injection: a NaN batch, so the skip path runs on the real program
-                    host_batch = _nan_batch(host_batch)
+                    step_plan = _nan_plan(step_plan)
                 t0 = time.perf_counter()
-                if balanced:
-                    progress.message(f"step {step + 1} plan {host_batch['plan'].describe()}")
-                    state, metrics = train_step(state, host_batch)
-                else:
-                    state, metrics = train_step(state, session.put_batch(host_batch))
+                if "plan" in step_plan:  # the balance scheduler's: which micro-batches at which context degree
+                    progress.message(f"step {step + 1} plan {step_plan['plan'].describe()}")
+                state, metrics = train_step(state, step_plan)
                 record = _host_metrics(metrics)  # waits for the step: step time is real device time
                 dt = time.perf_counter() - t0
                 step += 1

@@ -1,4 +1,4 @@
-"""Balance mode: execute one step's plan (`data.balance`), a context degree c per micro-batch, then ONE update.
+"""Balance mode's views of the devices: a context degree c per micro-batch (`executor.StepExecutor` runs the plan).
 
 The balance loader returns per step {"micro_batches": [...], "plan", "num_targets", "num_tokens"}; each
 micro-batch holds numpy [R, C] rank buffers (R = devices) and its degree `context` = c. Ranks c*g .. c*g+c-1 form
@@ -13,8 +13,9 @@ State is ZeRO-3 over the whole pool (`parallel.sharding.pool_spec`): every param
 optimizer moment is split over data x fsdp x context as one flattened axis in device order, so each per-c view
 gives every device the same block and changing c between micro-batches moves no bytes. A micro-batch gathers the
 weights as it uses them and adds its gradient into the sharded accumulator, so each device keeps only its block
-of the gradient (never a replicated copy); the global target count divides once, in `step.apply_gradients`, like the normal step (same
-clipping, AdamW, NaN skip). Programs: one jit per (c, C, S, K) for the micro-batch and one for the update.
+of the gradient (never a replicated copy). The executor (`executor.py`) runs the plan as for every mode: one
+program per micro-batch key (c, C, S, K), then the update program (`step.apply_gradients`: the global target count
+divides once; clipping, AdamW, NaN skip).
 
 Lightning layers (the MiniMax hybrid) pass their decayed states between the pieces of a split document across the
 group's ranks, in the document's position order (`parallel/lightning_pieces.py`); MoE layers run unchanged.
@@ -28,16 +29,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longtrain.config import Config, ConfigError
 from longtrain.parallel.sharding import POOL_AXES
 from longtrain.train.model_loss import make_micro_value_and_grad
-from longtrain.train.step import accumulate_micro, apply_gradients
-
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+from longtrain.train.step import BATCH_KEYS
 
 
 def check_balance_config(config: Config) -> None:
@@ -67,13 +65,12 @@ def check_balance_config(config: Config) -> None:
                           f"(got {config.optim.grad_accum})")
 
 
-class BalancedStep:
-    """`step(state, step_batch) -> (state, metrics)` for balance-mode steps. `state` lives in `state_shardings`
-    (the trainer's main mesh); the micro-batch programs run on per-c meshes over the same devices."""
+class ContextGroupViews:
+    """Balance mode's views for `executor.StepExecutor`: micro-batch of degree c on the mesh data=R/c x context=c
+    over the same devices (one Mesh per c, cached), parameters ZeRO-3 over the pool (the same blocks on every
+    view), its [R, C] rank buffers placed as [R/c, c*C] group rows. Program key (c, C, S, K)."""
 
-    def __init__(self, config: Config, optimizer=None, schedule: Callable | None = None,
-                 state_shardings: dict | None = None, devices=None):
-        """Without optimizer/schedule/state_shardings only `loss_and_grad_sums` is available (tests, planning)."""
+    def __init__(self, config: Config, devices=None):
         from longtrain import models
         from longtrain.models.minimax import LINEAR, resolved_layer_types
         from longtrain.parallel import pool_param_shardings
@@ -81,18 +78,12 @@ class BalancedStep:
         check_balance_config(config)
         self.config = config
         self.devices = list(jax.devices() if devices is None else devices)
-        self.state_shardings = state_shardings
         self._meshes: dict[int, Any] = {}
-        self._micro: dict[tuple[int, int, int, int], Callable] = {}
-        self._abstract = jax.eval_shape(lambda: models.init(config.model, jax.random.PRNGKey(0)))
-        pool = pool_param_shardings(self._abstract, models.param_logical_axes(config.model), self.mesh(1))
+        self.abstract_params = jax.eval_shape(lambda: models.init(config.model, jax.random.PRNGKey(0)))
+        pool = pool_param_shardings(self.abstract_params, models.param_logical_axes(config.model), self.mesh(1))
         self._param_specs = jax.tree.map(lambda s: s.spec, pool)  # the same specs serve every view
         self._lightning = (config.model.architecture == "minimax"
                            and LINEAR in resolved_layer_types(config.model))  # lightning layers pass states
-        self._update = None if optimizer is None else jax.jit(
-            lambda state, loss, grads, n: apply_gradients(state, loss, grads, n, optimizer, schedule),
-            in_shardings=(state_shardings, None, state_shardings["params"], None),
-            out_shardings=(state_shardings, None), donate_argnums=(0,))
 
     def mesh(self, c: int):
         if c not in self._meshes:
@@ -108,51 +99,38 @@ class BalancedStep:
         """The parameters' ZeRO-3 shardings on the view of degree c (equivalent for every c)."""
         return jax.tree.map(lambda spec: NamedSharding(self.mesh(c), spec), self._param_specs)
 
-    def _micro_program(self, c: int, C: int, S: int, K: int):
-        """jit of (params, acc_loss, acc_grads, group batch) -> accumulators + this micro-batch's sums; the first
-        S tokens of each rank buffer ring over the c ranks of a group, the rest attend locally; lightning layers
-        pass states between the first K runs (the split pieces) of the group's buffers."""
-        key = (c, C, S, K)
-        if key not in self._micro:
-            from longtrain.parallel import ParallelRuntime
+    # ------------------------------------------------------------------------------ the executor's view API
+    def program_key(self, mb: dict) -> tuple[int, int, int, int]:
+        """(c, C, S, K): context degree, rank capacity, split region, lightning pieces."""
+        return (int(mb["context"]), int(np.shape(mb["tokens"])[1]), int(mb["split_region"]), self.pieces(mb))
 
-            config, mesh, params_sh = self.config, self.mesh(c), self.param_shardings(c)
-            replicated = NamedSharding(mesh, P())
-            batch_sharding = NamedSharding(mesh, P("data", "context"))
+    def shardings(self, key: tuple):
+        mesh = self.mesh(key[0])
+        return self.param_shardings(key[0]), NamedSharding(mesh, P()), NamedSharding(mesh, P("data", "context"))
 
-            def runtime_for(batch):  # ring over the group, causality from the positions of the pieces
-                return ParallelRuntime(mesh, strategy="ring", layout="contiguous",
-                                       attention_impl=config.model.attention_impl,
-                                       lightning_impl=config.model.lightning_impl,
-                                       lightning_block_size=config.model.lightning_block_size,
-                                       token_index=batch["positions"], ring_region=S, param_axes=POOL_AXES,
-                                       lightning_pieces=K)
+    def micro_value_and_grad(self, key: tuple) -> Callable:
+        """The plain step's micro-batch function, with this micro-batch's runtime: the first S tokens of each rank
+        buffer ring over the c ranks of a group (causality from the pieces' positions), the rest attend locally;
+        lightning layers pass states between the first K runs (the split pieces) of the group's buffers."""
+        from longtrain.parallel import ParallelRuntime
 
-            # the plain step's micro-batch function and accumulation, with this micro-batch's runtime
-            value_and_grad = make_micro_value_and_grad(config, runtime_for)
+        c, _, S, K = key
+        config, mesh = self.config, self.mesh(c)
 
-            def micro(params, acc_loss, acc_grads, batch):
-                return accumulate_micro(value_and_grad, params, batch, None, (acc_loss, acc_grads))
+        def runtime_for(batch):
+            return ParallelRuntime(mesh, strategy="ring", layout="contiguous",
+                                   attention_impl=config.model.attention_impl,
+                                   lightning_impl=config.model.lightning_impl,
+                                   lightning_block_size=config.model.lightning_block_size,
+                                   token_index=batch["positions"], ring_region=S, param_axes=POOL_AXES,
+                                   lightning_pieces=K)
 
-            self._micro[key] = jax.jit(micro, in_shardings=(params_sh, replicated, params_sh, batch_sharding),
-                                       out_shardings=(replicated, params_sh), donate_argnums=(1, 2))
-        return self._micro[key]
+        return make_micro_value_and_grad(config, runtime_for)
 
-    def trace_micro(self, c: int, C: int, S: int, K: int):
-        """The micro-batch program of shape (c, C, S, K) traced on abstract inputs (`longtrain plan`)."""
-        mesh, R = self.mesh(c), len(self.devices)
-        params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), self._abstract,
-                              self.param_shardings(c))
-        loss = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-        rows = NamedSharding(mesh, P("data", "context"))
-        batch = {k: jax.ShapeDtypeStruct((R // c, c * C), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                         sharding=rows) for k in BATCH_KEYS}
-        return self._micro_program(c, C, S, K).trace(params, loss, params, batch)
-
-    def trace_update(self, abstract_state: dict):
-        """The update program (one optimizer step on the summed gradient) traced on abstract inputs."""
-        scalar = jax.ShapeDtypeStruct((), jnp.float32)
-        return self._update.trace(abstract_state, scalar, abstract_state["params"], scalar)
+    def batch_shape(self, key: tuple) -> tuple[int, int]:
+        """The device batch of a program: [R/c, c*C] group rows."""
+        c, C = key[:2]
+        return len(self.devices) // c, c * C
 
     def pieces(self, mb: dict) -> int:
         """K of a micro-batch: 0 for softmax-only models (one program per (c, C, S)); for lightning layers the
@@ -165,14 +143,14 @@ class BalancedStep:
         n = int(mb["split_pieces"])
         return 0 if n == 0 else 1 << (n - 1).bit_length()
 
-    def largest_micro_shape(self) -> tuple[int, int, int, int]:
+    def largest_micro_key(self) -> tuple[int, int, int, int]:
         """(c, C, S, K) of the largest micro-batch program the scheduler can emit: one group of every rank,
         capacity C, split region S = C; for lightning layers K = 2, one split document filling the region (more
         split documents make shorter pieces in the same region: K grows, the pieces' buffers [S, K, H, D] too)."""
         C = self.config.data.balance.capacity or self.config.data.seq_len
         return len(self.devices), C, C, 2 if self._lightning else 0
 
-    def put_micro_batch(self, mb: dict) -> dict:
+    def put(self, mb: dict) -> dict:
         """Host rank buffers -> device [R/c, c*C] group rows sharded data x context on the per-c mesh.
 
         `mb` holds [R, C] arrays, or (multi-process, each process reading only its share) the rows of this
@@ -203,35 +181,3 @@ class BalancedStep:
             out[k] = jax.make_array_from_callback((R // c, c * C), sharding,
                                                   lambda index, x=x: rank_buffer(index, x))
         return out
-
-    def loss_and_grad_sums(self, params: Any, micro_batches: list) -> tuple[jax.Array, Any]:
-        """(sum of masked token losses, its gradient) over all micro-batches; grads ZeRO-3 sharded on the last
-        micro-batch's view (views of the same devices with equivalent shardings: moving between them copies
-        nothing)."""
-        acc_loss, acc_grads, cur = None, None, None
-        for mb in micro_batches:
-            c = int(mb["context"])
-            replicated, params_sh = NamedSharding(self.mesh(c), P()), self.param_shardings(c)
-            p = jax.device_put(params, params_sh)  # already there: the same blocks on the same devices
-            if acc_grads is None:
-                acc_loss = jax.device_put(jnp.zeros((), jnp.float32), replicated)
-                acc_grads = jax.tree.map(lambda a, sh: jnp.zeros(a.shape, a.dtype, device=sh), p, params_sh)
-            elif cur != c:
-                acc_loss, acc_grads = jax.device_put((acc_loss, acc_grads), (replicated, params_sh))
-            cur = c
-            batch = self.put_micro_batch(mb)
-            K = self.pieces(mb)
-            program = self._micro_program(c, batch["tokens"].shape[1] // c, int(mb["split_region"]), K)
-            acc_loss, acc_grads = program(p, acc_loss, acc_grads, batch)
-        if acc_grads is None:
-            raise ValueError("balance-mode step has no micro-batches")
-        return acc_loss, acc_grads
-
-    def __call__(self, state: dict, step_batch: dict) -> tuple[dict, dict]:
-        loss, grads = self.loss_and_grad_sums(state["params"], step_batch["micro_batches"])
-        if self._update is None:
-            raise ValueError("BalancedStep was built without optimizer/schedule/state_shardings: no update step")
-        grads = jax.device_put(grads, self.state_shardings["params"])  # the same blocks, on the main mesh
-        loss = jax.device_put(loss, self.state_shardings["step"])
-        n = jax.device_put(jnp.float32(step_batch["num_targets"]), self.state_shardings["step"])
-        return self._update(state, loss, grads, n)

@@ -30,15 +30,15 @@ from longtrain.loss import lm_loss
 MODES = ("full", "seco", "spaco")
 
 
-def _model_and_z_loss(config, z_loss):
-    """(ModelConfig, z_loss) from a full Config or a ModelConfig; refuses context parallelism."""
+def _model_and_z_loss(config, z_loss, mesh=None):
+    """(ModelConfig, z_loss) from a full Config or a ModelConfig. A Config with mesh.context > 1 needs the `mesh`
+    (the chunks are split over its context axis)."""
     from longtrain.config import Config, ModelConfig
 
     if isinstance(config, Config):
-        if config.mesh.context != 1:
-            raise ValueError(f"chunk-wise training (SeCO/SpaCO) does not support context parallelism: "
-                             f"mesh.context={config.mesh.context}; set mesh.context=1 (data/FSDP sharding works) "
-                             f"or optim.mode=full")
+        if config.mesh.context != 1 and (mesh is None or mesh.shape.get("context", 1) != config.mesh.context):
+            raise ValueError(f"chunk-wise training with mesh.context={config.mesh.context} splits every chunk over "
+                             f"the context axis: pass the device mesh (mesh=...) whose context axis has that size")
         return config.model, (config.optim.z_loss if z_loss is None else z_loss)
     if isinstance(config, ModelConfig):
         return config, (0.0 if z_loss is None else z_loss)
@@ -61,7 +61,8 @@ def sequence_loss(config, params, batch, *, z_loss=None, runtime=None):
 
 
 def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *, z_loss=None,
-                        loss_from_forward=False, kv_grad_dtype=None, grad_shardings=None):
+                        loss_from_forward=False, kv_grad_dtype=None, grad_shardings=None, mesh=None,
+                        batch_layout="contiguous"):
     """(loss, grads) where chunk i's local backward is scaled by `chunk_weights[i]` ([num_chunks] array; None = all
     ones = SeCO, exact). A zero weight skips that chunk's recompute and backward (`lax.cond`). The weight multiplies
     both the chunk's own loss and the cache cotangent it passes on, so a gradient path through chunks i1..in gets
@@ -69,16 +70,32 @@ def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *
     skipped; otherwise the loss is the sum of the recomputed chunk losses. `kv_grad_dtype`: dtype of the K/V
     cotangent accumulator (default fp32, or fp64 for fp64 models). `grad_shardings`: optional pytree like params
     of shardings for the gradient accumulator (under FSDP pass the parameter shardings, else XLA may replicate it).
+    `mesh` with a context axis > 1: every chunk is split over it (`context.py`: K/V buffers and accumulator
+    sharded along the sequence, the gradient reduced once); `batch_layout` names the sequence layout the batch
+    arrives in (the trainer's `mesh.layout`).
     """
-    model_config, z_loss = _model_and_z_loss(config, z_loss)
-    cb = chunk_batch(batch, chunk_size, _acc_dtype(model_config))
-    if chunk_weights is not None and tuple(jnp.shape(chunk_weights)) != (cb.num_chunks,):
-        raise ValueError(f"chunk_weights must have shape [num_chunks]=({cb.num_chunks},); got "
-                         f"{tuple(jnp.shape(chunk_weights))}")
-    prog = ChunkProgram(model_config, params, cb, z_loss=float(z_loss), kv_grad_dtype=kv_grad_dtype)
-    buffers, entering, forward_loss = forward_fill(prog, params, with_loss=loss_from_forward)
-    recomputed_loss, grads = reverse_accumulate(prog, params, buffers, entering, chunk_weights, grad_shardings)
-    return (forward_loss if loss_from_forward else recomputed_loss), grads
+    model_config, z_loss = _model_and_z_loss(config, z_loss, mesh)
+    acc_dtype = _acc_dtype(model_config)
+
+    def engine(p, b, chunk, runtime=None, num_targets=None, shardings=grad_shardings):
+        cb = chunk_batch(b, chunk, acc_dtype, num_targets=num_targets)
+        if chunk_weights is not None and tuple(jnp.shape(chunk_weights)) != (cb.num_chunks,):
+            raise ValueError(f"chunk_weights must have shape [num_chunks]=({cb.num_chunks},); got "
+                             f"{tuple(jnp.shape(chunk_weights))}")
+        prog = ChunkProgram(model_config, p, cb, z_loss=float(z_loss), kv_grad_dtype=kv_grad_dtype, runtime=runtime)
+        buffers, entering, forward_loss = forward_fill(prog, p, with_loss=loss_from_forward)
+        recomputed_loss, grads = reverse_accumulate(prog, p, buffers, entering, chunk_weights, shardings)
+        return (forward_loss if loss_from_forward else recomputed_loss), grads
+
+    if mesh is not None and mesh.shape.get("context", 1) > 1:
+        from longtrain.chunkwise.context import context_parallel_chunkwise
+
+        # each rank sums its tokens' losses (num_targets=1); the sums are reduced and normalised once
+        return context_parallel_chunkwise(
+            model_config, params, batch, chunk_size, mesh,
+            lambda p, b, chunk, runtime: engine(p, b, chunk, runtime, num_targets=1.0, shardings=None),
+            acc_dtype=acc_dtype, batch_layout=batch_layout)
+    return engine(params, batch, chunk_size)
 
 
 def seco_grad(config, params, batch, chunk_size, **options):
@@ -106,21 +123,23 @@ def spaco_fixed_count_grad(config, params, batch, chunk_size, num_selected, rng,
     return chunk_weighted_grad(config, params, batch, chunk_size, weights, loss_from_forward=True, **options)
 
 
-def chunkwise_value_and_grad(config, params, batch, rng=None, *, grad_shardings=None):
+def chunkwise_value_and_grad(config, params, batch, rng=None, *, grad_shardings=None, mesh=None):
     """The trainer's single call: (loss, grads) by `config.optim.mode` (full | seco | spaco), using
     `optim.chunk_size`, `optim.spaco_keep_prob` and `optim.z_loss`. `config` is the full Config; `rng` is only
     used by spaco; `grad_shardings` (optional, pytree like params) keeps the seco/spaco gradient accumulator sharded
-    like the parameters under FSDP."""
+    like the parameters under FSDP; `mesh` (needed when mesh.context > 1) splits every chunk over its context
+    axis, the batch arriving in the `mesh.layout` order."""
     mode = config.optim.mode
     if mode == "full":
         return jax.value_and_grad(lambda p: sequence_loss(config, p, batch))(params)
     if mode == "seco":
-        return seco_grad(config, params, batch, config.optim.chunk_size, grad_shardings=grad_shardings)
+        return seco_grad(config, params, batch, config.optim.chunk_size, grad_shardings=grad_shardings, mesh=mesh,
+                         batch_layout=config.mesh.layout)
     if mode == "spaco":
         if rng is None:
             raise ValueError("optim.mode='spaco' needs an rng key (chunkwise_value_and_grad(..., rng=key))")
         return spaco_grad(config, params, batch, config.optim.chunk_size, config.optim.spaco_keep_prob, rng,
-                          grad_shardings=grad_shardings)
+                          grad_shardings=grad_shardings, mesh=mesh, batch_layout=config.mesh.layout)
     raise ValueError(f"optim.mode={mode!r} is not a training mode; expected one of {MODES}")
 
 

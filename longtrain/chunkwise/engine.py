@@ -59,9 +59,13 @@ class ChunkProgram:
     [B,H,Dk,Dv]]}`; a chunk's own cache has the same structure with C tokens instead of Tp.
     """
 
-    def __init__(self, model_config, params, cb: ChunkedBatch, *, z_loss: float, kv_grad_dtype=None):
-        self.config, self.cb, self.z_loss = model_config, cb, z_loss
+    def __init__(self, model_config, params, cb: ChunkedBatch, *, z_loss: float, kv_grad_dtype=None, runtime=None):
+        """`runtime`: what the model's attention runs on (None: one device; `context.ContextChunkRuntime` inside
+        the context-parallel shard_map)."""
+        self.config, self.cb, self.z_loss, self.runtime = model_config, cb, z_loss, None
+        # the caches' shapes, from a local run without a prefix (the same on every runtime)
         own_shapes = jax.eval_shape(lambda p: self._run_chunk(p, None, 0, with_loss=False)[1], params)
+        self.runtime = runtime
         self.kinds = cache_kinds(own_shapes)
         self.softmax_layers = [l for l, kind in enumerate(self.kinds) if kind == SOFTMAX]
         self.lightning_layers = [l for l, kind in enumerate(self.kinds) if kind == LIGHTNING]
@@ -86,7 +90,7 @@ class ChunkProgram:
         hidden, own = models.forward_hidden(
             self.config, params, cb.slice("tokens", i), positions=cb.slice("positions", i),
             segment_ids=cb.slice("segment_ids", i), token_index=cb.slice("token_index", i), kv_prefix=prefix,
-            return_kv=True)
+            return_kv=True, runtime=self.runtime)
         if not with_loss:
             return None, own
         loss = lm_loss(hidden, models.lm_head_weight(self.config, params), cb.slice("targets", i),

@@ -77,8 +77,10 @@ class ChunkedBatch:
         return jnp.where(i > 0, last, 0)
 
 
-def chunk_batch(batch, chunk_size: int, acc_dtype) -> ChunkedBatch:
-    """Validate `batch` and pad it to whole chunks of min(chunk_size, T) tokens."""
+def chunk_batch(batch, chunk_size: int, acc_dtype, *, num_targets=None) -> ChunkedBatch:
+    """Validate `batch` and pad it to whole chunks of min(chunk_size, T) tokens. A "token_index" in the batch gives
+    each token's global index (context parallelism: a rank's share of the sequence); else arange(T).
+    `num_targets`: the loss normaliser (None: this batch's own target count)."""
     check_chunk_size(chunk_size)
     B, T = check_batch(batch)
     chunk = min(chunk_size, T)
@@ -96,8 +98,9 @@ def chunk_batch(batch, chunk_size: int, acc_dtype) -> ChunkedBatch:
         tokens=pad(batch["tokens"].astype(jnp.int32)), targets=pad(batch["targets"].astype(jnp.int32)),
         loss_mask=pad(mask), positions=pad(positions.astype(jnp.int32)),
         segment_ids=pad(segment_ids.astype(jnp.int32)),
-        token_index=jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp)),
-        num_targets=global_num_targets(mask), chunk=chunk, num_chunks=k)
+        token_index=(pad(batch["token_index"].astype(jnp.int32)) if "token_index" in batch
+                     else jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp))),
+        num_targets=global_num_targets(mask) if num_targets is None else num_targets, chunk=chunk, num_chunks=k)
 
 
 def global_num_targets(loss_mask_BT):

@@ -92,16 +92,21 @@ def make_micro_value_and_grad(config: Config, runtime: Any, *, mesh_shape: dict 
         except ImportError as e:
             raise ConfigError(f"optim.mode={mode!r} needs longtrain.chunkwise, which is not available: {e}") from None
         shape = mesh_shape or {}
-        if shape.get("context", 1) > 1 or shape.get("tensor", 1) > 1:
-            raise ConfigError(f"optim.mode={mode!r} (chunk-wise training) supports data and fsdp parallelism only; "
-                              f"got mesh.context={shape.get('context')}, mesh.tensor={shape.get('tensor')}. Use "
-                              "mesh.context=1 and mesh.tensor=1, or optim.mode=full")
-
-        local = (mesh is not None and shape.get("data", 1) > 1 and shape.get("fsdp", 1) == 1)
+        if shape.get("tensor", 1) > 1:
+            raise ConfigError(f"optim.mode={mode!r} (chunk-wise training) supports data, fsdp and context "
+                              f"parallelism; got mesh.tensor={shape.get('tensor')}. Use mesh.tensor=1, or "
+                              "optim.mode=full")
+        context = shape.get("context", 1) > 1
+        if context and mesh is None:
+            raise ConfigError(f"optim.mode={mode!r} with mesh.context={shape['context']} needs the device mesh")
+        # context: the chunks are split over the context axis and the gradient reduced once inside (chunkwise/
+        # context.py); data only: each device runs its rows, one psum per micro-batch (_reduce_once_over_data)
+        local = not context and mesh is not None and shape.get("data", 1) > 1 and shape.get("fsdp", 1) == 1
 
         def micro(params, batch, rng):  # chunk-wise runs the local kernels; XLA partitions the batch axis
             mean_loss, grads = chunkwise_value_and_grad(config, params, batch, rng,
-                                                        grad_shardings=None if local else grad_shardings)
+                                                        grad_shardings=None if local or context else grad_shardings,
+                                                        mesh=mesh if context else None)
             n = jnp.sum(batch["loss_mask"].astype(jnp.float32))
             return mean_loss * n, jax.tree.map(lambda g: g * n.astype(g.dtype), grads)
 

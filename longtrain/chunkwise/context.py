@@ -1,0 +1,138 @@
+"""SeCO/SpaCO across the context axis: every chunk's tokens are split over the P context ranks, each rank keeps
+T/P of the K/V buffers and of their cotangent accumulator, and a chunk's queries meet the sharded prefix without
+anyone gathering it.
+
+Layout (chunk-major zigzag, `chunk_layout_permutation`): rank r holds, of every chunk i, the zigzag pieces r and
+2P-1-r of that chunk's C tokens (C/P tokens per chunk, T/P in all), stored chunk after chunk. Why zigzag inside each
+chunk: a chunk attends causally to itself, and with pieces r and 2P-1-r every rank's share of the chunk's diagonal
+block has the same causal work; every rank also holds the same share of every earlier chunk, so the prefix work is
+balanced too. Because the layout is chunk-major, the single-device engine (`engine.py`) runs unchanged on each rank
+with chunk size C/P: its local chunk i IS its share of chunk i, and its local buffer its share of the prefix.
+
+Attention of a chunk against the prefix (`ContextChunkRuntime.attention_with_prefix`), per softmax layer:
+  1. all-gather the chunk's queries over `context` ([B, C] of them: chunk-sized, never the O(T) prefix);
+  2. attend them to this rank's keys (its share of the prefix ++ its share of the chunk): partial (out, lse);
+  3. merge the P partials by their log-sum-exp weights, each rank keeping its own queries' rows (reduce-scatter).
+sum_r w_r out_r / sum_r w_r with w_r = exp(lse_r - m) is the softmax over all keys for any constant m (the max over
+ranks, taken without gradient), so value and gradient are exact; jax differentiates the collectives (the
+all-gather's transpose is a reduce-scatter, and back), so each rank's K/V cotangents land in its own accumulator.
+Bytes per rank per softmax layer and chunk: (P-1)/P of the chunk's queries, outputs and weights; the K/V never move.
+
+Losses are summed, not normalised per rank (ranks exchange cotangents, so all must use one scale); the gradient is
+reduced ONCE per call over data x fsdp x context, then divided by the global target count.
+Lightning layers (the MiniMax hybrid) are not split over context here yet: refused by name.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from longtrain.models.attention_site import LocalRuntime
+from longtrain.parallel.layout import layout_permutation
+
+CONTEXT = "context"
+
+
+def chunk_layout_permutation(padded_len: int, chunk: int, context: int) -> np.ndarray:
+    """perm [Tp]: layout position -> global token index. Rank r's block [r*Tp/P, (r+1)*Tp/P) holds, chunk after
+    chunk, the zigzag share r of every chunk's `chunk` tokens."""
+    k, n = padded_len // chunk, chunk // context
+    within = layout_permutation("zigzag", chunk, context).reshape(context, n)  # rank r's tokens of one chunk
+    perm = np.arange(k)[None, :, None] * chunk + within[:, None, :]  # [P, k, C/P]
+    return perm.reshape(padded_len).astype(np.int32)
+
+
+def context_chunk_size(chunk_size: int, seq_len: int, context: int) -> int:
+    """The chunk C of a context-parallel chunk-wise step: `chunk_size`, or (one chunk) T rounded up to 2P. A chunk
+    must split into 2P zigzag pieces."""
+    unit = 2 * context
+    if chunk_size < seq_len:
+        if chunk_size % unit:
+            raise ValueError(f"optim.chunk_size={chunk_size} must be a multiple of 2 x mesh.context = {unit} for "
+                             f"chunk-wise training across the context axis (each chunk splits into {unit} zigzag "
+                             f"pieces)")
+        return chunk_size
+    return -(-seq_len // unit) * unit
+
+
+class ContextChunkRuntime(LocalRuntime):
+    """The local kernels of one rank inside the chunk-wise `shard_map`, plus attention against the prefix sharded
+    over the `context` axis (module docstring)."""
+
+    def attention(self, *args, **kwargs):
+        raise ValueError("chunk-wise training across the context axis runs every chunk against its prefix "
+                         "(attention_with_prefix); plain self-attention has no place here")
+
+    def attention_with_prefix(self, q, k, v, *, q_index, kv_index, q_segment_ids, kv_segment_ids, causal,
+                              sliding_window, scale):
+        from longtrain import kernels
+
+        def gather(x):
+            return jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)
+
+        out_BCHD, lse_BHC = kernels.attention_block(
+            gather(q), k, v, q_index=gather(q_index), kv_index=kv_index, q_segment_ids=gather(q_segment_ids),
+            kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
+            impl=self.attention_impl)
+        lse_BCH = jnp.swapaxes(lse_BHC, 1, 2)
+        m = jax.lax.pmax(jax.lax.stop_gradient(lse_BCH), CONTEXT)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row no rank sees (padding): weights 0 everywhere
+        w_BCH = jnp.exp(lse_BCH - m)
+        num = jax.lax.psum_scatter(out_BCHD * w_BCH[..., None], CONTEXT, scatter_dimension=1, tiled=True)
+        den = jax.lax.psum_scatter(w_BCH, CONTEXT, scatter_dimension=1, tiled=True)
+        return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q.dtype)
+
+    def lightning_attention(self, *args, **kwargs):
+        raise ValueError("chunk-wise training (optim.mode=seco/spaco) with mesh.context > 1 supports softmax "
+                         "attention only; lightning layers (the MiniMax hybrid) are not split over the context axis "
+                         "yet: use mesh.context=1 for hybrid models")
+
+
+def gather_index(seq_len: int, padded_len: int, chunk: int, context: int, batch_layout: str) -> np.ndarray:
+    """[Tp] index into the batch padded to Tp (sequence in `batch_layout` order, padding appended) that reorders
+    it into the chunk-major layout; -> (index, global token index of every chunk-layout position)."""
+    wanted = chunk_layout_permutation(padded_len, chunk, context)  # global token at each chunk-layout position
+    arrived = (np.arange(seq_len) if batch_layout == "contiguous"  # global token at each batch position
+               else layout_permutation(batch_layout, seq_len, context))
+    where = np.empty(seq_len, np.int32)
+    where[arrived] = np.arange(seq_len, dtype=np.int32)  # batch position of each global token
+    index = np.where(wanted < seq_len, where[np.minimum(wanted, seq_len - 1)], wanted)  # padding stays at the end
+    return index.astype(np.int32), wanted
+
+
+def context_parallel_chunkwise(model_config, params, batch, chunk_size: int, mesh, local_grad, *, acc_dtype,
+                               batch_layout: str = "contiguous"):
+    """(loss, grads) of the whole batch, normalised by its global target count, with every chunk split over
+    `mesh`'s context axis. `batch` [B, T] arrives in the `batch_layout` sequence order (the trainer's mesh.layout).
+    `local_grad(params, local_batch, chunk, runtime) -> (loss_sum, grads_sum)` runs the engine on one rank's share
+    (local batch: [b, Tp/P] in the chunk-major layout, with its global "token_index")."""
+    B, T = batch["tokens"].shape
+    Pc = mesh.shape[CONTEXT]
+    C = context_chunk_size(chunk_size, T, Pc)
+    Tp = -(-T // C) * C
+    index, token_index = gather_index(T, Tp, C, Pc, batch_layout)
+    full = {"tokens": batch["tokens"], "targets": batch["targets"], "loss_mask": batch["loss_mask"].astype(acc_dtype),
+            "positions": batch.get("positions", jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))),
+            "segment_ids": batch.get("segment_ids", jnp.ones((B, T), jnp.int32))}
+    laid = {name: jnp.pad(x, ((0, 0), (0, Tp - T)))[:, index] for name, x in full.items()}  # padding: segment 0
+    laid["token_index"] = jnp.broadcast_to(jnp.asarray(token_index), (B, Tp))
+    row_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    spec = P(row_axes, CONTEXT)
+    laid = {name: jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+            for name, x in laid.items()}
+    runtime = ContextChunkRuntime(model_config.attention_impl, model_config.lightning_impl,
+                                  model_config.lightning_block_size)
+    reduce_axes = (*row_axes, CONTEXT)
+
+    def local(p, local_batch):
+        loss_sum, grads = local_grad(p, local_batch, C // Pc, runtime)
+        n = jnp.sum(local_batch["loss_mask"])
+        loss_sum, grads, n = jax.lax.psum((loss_sum, grads, n), reduce_axes)  # once per call, not per chunk
+        n = jnp.maximum(n, 1.0)
+        return loss_sum / n, jax.tree.map(lambda g: g / n.astype(g.dtype), grads)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=(P(), P()), check_vma=False)(params,
+                                                                                                         laid)

@@ -51,6 +51,10 @@ class LocalRuntime:
     def constrain(self, x, logical_axes):
         return x
 
+    def continues_document(self, last_segment_id_B, segment_ids_BT):
+        """bool [B]: the first token of this chunk continues the document the carried state came from."""
+        return last_segment_id_B.astype(segment_ids_BT.dtype) == segment_ids_BT[:, 0]
+
 
 def resolve_runtime(config, runtime):
     """The runtime to use: the given one, or a `LocalRuntime` built from the model config."""
@@ -96,6 +100,12 @@ def softmax_attention(runtime, q_BTHD, k_BSHD, v_BSHD, *, segment_ids, sliding_w
     local = require_local(runtime, "attention over a kv_prefix")
     return local.attention_with_prefix(q_BTHD, k_BSHD, v_BSHD, causal=True, sliding_window=sliding_window,
                                        scale=scale, **prefix)
+
+
+def continues_document(runtime, last_segment_id_B, segment_ids_BT):
+    """bool [B]: a chunk's first token continues the document its carried lightning state came from."""
+    local = require_local(runtime, "lightning attention with a carried state (kv_prefix/return_kv)")
+    return local.continues_document(last_segment_id_B, segment_ids_BT)
 
 
 def lightning_attention(runtime, q, k, v, slope_H, *, segment_ids, initial_state=None, return_state=False):

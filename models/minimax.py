@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from longtrain.models import attention_site
 from longtrain.models.attention import Attention
 from longtrain.models.decoder import CausalLM, LayerInputs, check_heads
 from longtrain.models.layer_stack import StackedCaches, layer_slice, remat, stack_layers, stacked_layer_fn
@@ -127,16 +128,19 @@ class MiniMax(CausalLM):
 
 
 # -------------------------------------------------------------------------------------------------- forward
-def _lightning_initial_state(prefix_l, segment_ids_BT):
-    """The carried state, zeroed in rows whose first token starts a new document (see module docstring)."""
+def _lightning_initial_state(prefix_l, segment_ids_BT, runtime):
+    """The carried state, zeroed in rows whose first token starts a new document (see module docstring); the
+    runtime knows which token is the chunk's first (under context parallelism another rank may hold it)."""
     if "state" not in prefix_l:
         raise KeyError("kv_prefix entry of a lightning layer lacks 'state' [B,H,D,D]")
     state = prefix_l["state"]
     state = state.astype(jnp.promote_types(state.dtype, jnp.float32))  # fp32 at least (fp64 stays fp64)
     if "last_segment_id" not in prefix_l:
         return state
-    first_B = segment_ids_BT[:, 0] if segment_ids_BT is not None else jnp.ones(state.shape[:1], jnp.int32)
-    continues_B = prefix_l["last_segment_id"].astype(jnp.int32) == first_B
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones(state.shape[:1] + (1,), jnp.int32)
+    continues_B = attention_site.continues_document(runtime, prefix_l["last_segment_id"].astype(jnp.int32),
+                                                    segment_ids_BT)
     return jnp.where(continues_B[:, None, None, None], state, 0.0)
 
 
@@ -156,7 +160,7 @@ def _make_layer_fn(config, layer_type: str, graphdefs: dict, inputs: LayerInputs
         h_BTE = input_norm(x_BTE)
         kv = None
         if layer_type == LINEAR:
-            init_state = None if prefix_l is None else _lightning_initial_state(prefix_l, segment_ids)
+            init_state = None if prefix_l is None else _lightning_initial_state(prefix_l, segment_ids, runtime)
             mixed = mixer(h_BTE, slope_H=slope_H, segment_ids=segment_ids, runtime=runtime,
                           initial_state=init_state, return_state=return_kv)
             if return_kv:

@@ -38,17 +38,19 @@ def chunk_ids(layout: str, rank, context_size: int):
 
 
 def chunk_summary(k, v, seg, slope):
-    """(S_ext fp32 [B,H,Dk,Dv], a fp32 [B,H]) of one chunk (see module docstring). seg: [B,m] int."""
+    """(S_ext fp32 [B,H,Dk,Dv], a fp32 [B,H]) of one chunk (see module docstring; fp64 inputs stay fp64).
+    seg: [B,m] int."""
     B, m, H, _ = k.shape
     change = jnp.concatenate([jnp.zeros((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
     run = jnp.cumsum(change.astype(jnp.int32), axis=1)
     live = seg != 0
     in_last = (run == run[:, -1:]) & live  # tokens of the run open at the chunk's last token
-    t = jnp.arange(m, dtype=jnp.float32)
-    slope = slope.astype(jnp.float32)
+    acc = jnp.promote_types(k.dtype, jnp.float32)
+    t = jnp.arange(m, dtype=acc)
+    slope = slope.astype(acc)
     w = jnp.exp(-slope[None, :, None] * (m - 1 - t)[None, None, :])  # [1,H,m]
     w = jnp.where(in_last[:, None, :], w, 0.0)
-    s_ext = jnp.einsum("bht,bthd,bthe->bhde", w, k.astype(jnp.float32), v.astype(jnp.float32))
+    s_ext = jnp.einsum("bht,bthd,bthe->bhde", w, k.astype(acc), v.astype(acc))
     passes = (run[:, -1] == 0) & live[:, -1]  # [B]
     a = jnp.where(passes[:, None], jnp.exp(-slope * m)[None, :], 0.0)
     return s_ext, a
@@ -60,15 +62,18 @@ def continues(first_seg, prev_last_seg):
 
 
 def state_prefix(s_ext, a, first, last, initial):
-    """S_in for every chunk in global order. s_ext [C,B,H,Dk,Dv], a [C,B,H], first/last [C,B]; initial [B,H,Dk,Dv]."""
+    """(S_in for every chunk in global order, the state at the last token). s_ext [C,B,H,Dk,Dv], a [C,B,H],
+    first/last [C,B]; initial [B,H,Dk,Dv]."""
     states = [initial]
     for i in range(1, s_ext.shape[0]):
         carried = a[i - 1][..., None, None] * states[-1] + s_ext[i - 1]
         states.append(continues(first[i], last[i - 1])[:, None, None, None] * carried)
-    return jnp.stack(states)
+    return jnp.stack(states), a[-1][..., None, None] * states[-1] + s_ext[-1]
 
 
-def _local_lightning(q, k, v, slope, seg, init, *, layout, P, variant, impl, block_size):
+def local_lightning(q, k, v, slope, seg, init, *, layout, P, variant, impl, block_size, return_state=False):
+    """One rank's share inside a shard_map over `context` (module docstring); with `return_state` (all_gather
+    variant) also the state at the sequence's last token [B,H,Dk,Dv] fp32, the same on every rank."""
     rank = jax.lax.axis_index(CONTEXT_AXIS)
     B, n = q.shape[:2]
     c = 1 if layout == "contiguous" else 2
@@ -87,10 +92,12 @@ def _local_lightning(q, k, v, slope, seg, init, *, layout, P, variant, impl, blo
             for j, cid in enumerate(chunk_ids(layout, p, P)):
                 order[cid] = p * c + j
         glob = [x.reshape((P * c,) + x.shape[2:])[order] for x in gathered]
-        s_in_all = state_prefix(*glob, init)
+        s_in_all, final = state_prefix(*glob, init)
         s_in = jnp.concatenate([s_in_all[cid] for cid in chunk_ids(layout, rank, P)], axis=0) if c > 1 else \
             s_in_all[rank]
     else:
+        if return_state:
+            raise ValueError("lightning variant 'ring' does not return the final state; use 'all_gather'")
         s_ext, a, first, last = s_ext[0], a[0], first[0], last[0]
         perm = shift_perm(P, 1)
         prev_last = jax.lax.ppermute(last, CONTEXT_AXIS, perm)
@@ -101,7 +108,8 @@ def _local_lightning(q, k, v, slope, seg, init, *, layout, P, variant, impl, blo
             s_in = jnp.where(rank == 0, init, gate * arrived)
     out = kernels.lightning_attention(qs, ks, vs, slope, segment_ids=ss, initial_state=s_in, impl=impl,
                                       block_size=block_size)
-    return jnp.concatenate(jnp.split(out, c, axis=0), axis=1) if c > 1 else out
+    out = jnp.concatenate(jnp.split(out, c, axis=0), axis=1) if c > 1 else out
+    return (out, final) if return_state else out
 
 
 def context_lightning_attention(q, k, v, slope, *, mesh, layout="contiguous", segment_ids=None,
@@ -133,7 +141,7 @@ def context_lightning_attention(q, k, v, slope, *, mesh, layout="contiguous", se
             put(initial_state.astype(jnp.float32), state_spec))
 
     def local(q, k, v, slope, seg, init):
-        return _local_lightning(q, k, v, slope, seg, init, layout=layout, P=P, variant=variant, impl=impl,
+        return local_lightning(q, k, v, slope, seg, init, layout=layout, P=P, variant=variant, impl=impl,
                                 block_size=block_size)
 
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, slope_spec, seg_spec, state_spec),

@@ -46,6 +46,21 @@ def test_seco_across_the_context_axis_equals_the_full_gradient(context, chunk):
     assert _rel_err(got, grads) <= 1e-10
 
 
+@pytest.mark.parametrize("context,chunk", [(2, 12), (4, 24), (8, 16)])
+def test_seco_across_the_context_axis_equals_the_full_gradient_hybrid(context, chunk):
+    """The MiniMax hybrid (lightning + softmax, 2 experts): each chunk's lightning pieces take their states from the
+    all-gathered piece summaries and the chunk's entering state, resetting at document boundaries (row 0 packs
+    three documents, one of which crosses chunk and rank boundaries)."""
+    config = _hybrid64()
+    params = models.init(config, jax.random.PRNGKey(0))
+    batch = _packed_batch(max(2, 8 // context), 40, config.vocab_size)
+    loss, grads = _exact(config, params, batch)
+    mesh = _mesh(context)
+    got_loss, got = jax.jit(lambda p, b: seco_grad(config, p, b, chunk, mesh=mesh))(params, batch)
+    assert abs(float(got_loss) - float(loss)) <= 1e-10 * abs(float(loss))
+    assert _rel_err(got, grads) <= 1e-10
+
+
 def test_seco_across_context_with_fsdp_zigzag_batch_and_sliding_window():
     """The trainer's case: the batch arrives in the mesh.layout (zigzag over the whole sequence) order and the
     parameters FSDP-sharded; a sliding window reaches across chunk and rank boundaries."""

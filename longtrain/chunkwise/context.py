@@ -20,7 +20,10 @@ Bytes per rank per softmax layer and chunk: (P-1)/P of the chunk's queries, outp
 
 Losses are summed, not normalised per rank (ranks exchange cotangents, so all must use one scale); the gradient is
 reduced ONCE per call over data x fsdp x context, then divided by the global target count.
-Lightning layers (the MiniMax hybrid) are not split over context here yet: refused by name.
+Lightning layers (the MiniMax hybrid): a rank's share of a chunk is two zigzag pieces, so the context-parallel
+lightning attention (`parallel.lightning`, all_gather variant) runs them: every rank summarises its pieces, the
+summaries are all-gathered, and each piece starts from the decayed prefix of the chunk's entering state and the
+earlier pieces (resets at document boundaries); the state leaving the chunk is the same on every rank.
 """
 from __future__ import annotations
 
@@ -85,10 +88,28 @@ class ContextChunkRuntime(LocalRuntime):
         den = jax.lax.psum_scatter(w_BCH, CONTEXT, scatter_dimension=1, tiled=True)
         return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q.dtype)
 
-    def lightning_attention(self, *args, **kwargs):
-        raise ValueError("chunk-wise training (optim.mode=seco/spaco) with mesh.context > 1 supports softmax "
-                         "attention only; lightning layers (the MiniMax hybrid) are not split over the context axis "
-                         "yet: use mesh.context=1 for hybrid models")
+    def continues_document(self, last_segment_id_B, segment_ids_BT):
+        """The chunk's first token and the prefix's last one are both rank 0's (its share starts with the chunk's
+        first zigzag piece and ends with its last): every rank takes rank 0's answer."""
+        return _from_rank0(super().continues_document(last_segment_id_B, segment_ids_BT).astype(jnp.int32)) > 0
+
+    def lightning_attention(self, q, k, v, slope, *, segment_ids, initial_state=None, return_state=False):
+        """This rank's zigzag pieces of the chunk, their entering states from the all-gathered piece summaries
+        and the chunk's entering state (`parallel.lightning.local_lightning`); with `return_state` the state
+        after the chunk's last token (the same on every rank)."""
+        from longtrain.parallel.lightning import local_lightning
+
+        B, _, H, Dk = q.shape
+        init = (jnp.zeros((B, H, Dk, v.shape[-1]), jnp.float32) if initial_state is None
+                else initial_state.astype(jnp.promote_types(initial_state.dtype, jnp.float32)))
+        return local_lightning(q, k, v, slope, segment_ids, init, layout="zigzag",
+                               P=jax.lax.axis_size(CONTEXT), variant="all_gather", impl=self.lightning_impl,
+                               block_size=self.lightning_block_size, return_state=return_state)
+
+
+def _from_rank0(x):
+    """Rank 0's value of x on every rank of the context axis (integers)."""
+    return jax.lax.psum(jnp.where(jax.lax.axis_index(CONTEXT) == 0, x, jnp.zeros_like(x)), CONTEXT)
 
 
 def gather_index(seq_len: int, padded_len: int, chunk: int, context: int, batch_layout: str) -> np.ndarray:

@@ -6,6 +6,10 @@ nothing runs) on a fixed ~150M-parameter bf16 Llama-style model (GQA). Full back
 (the remat policy / layer-scan variant with the least memory at the probe length; SeCO likewise). Memory is linear
 in T for both, so the longest T is solved from two probe lengths and then confirmed by compiling at that T. Run: `python benchmarks/chunkwise_memory.py`.
 
+`--context P` adds SeCO across the context axis (every chunk split over P of the 8 simulated devices, K/V buffers
+and accumulator T/P per device; per-device memory of the SPMD program) and times SeCO at P = 8 against P = 1 on the
+same total T.
+
 `--kv-grad-dtype bfloat16` measures SeCO with a bf16 K/V cotangent accumulator (default fp32). XLA:CPU caveat: it
 has no bf16 dynamic-slice and converts a sliced bf16 array to f32 whole; full backprop's scanned residual stack
 [L,T,E] gets such an f32 copy (42 of its 127 KiB/token for the llama model), SeCO keeps its cache as uint16 words
@@ -15,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax: --context P meshes
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +42,36 @@ MODEL_150M = ModelConfig(architecture="llama", vocab_size=32000, hidden_size=768
                          attention_impl="xla")
 
 
-def _abstract_batch(T):
-    i32 = jax.ShapeDtypeStruct((1, T), jnp.int32)
-    return {"tokens": i32, "targets": i32, "loss_mask": jax.ShapeDtypeStruct((1, T), jnp.bool_),
+def _abstract_batch(T, sharding=None):
+    i32 = jax.ShapeDtypeStruct((1, T), jnp.int32, sharding=sharding)
+    return {"tokens": i32, "targets": i32, "loss_mask": jax.ShapeDtypeStruct((1, T), jnp.bool_, sharding=sharding),
             "positions": i32, "segment_ids": i32}
 
 
-def step_bytes(config, T, mode, chunk_size=None, kv_grad_dtype=None):
-    """temp + argument + output bytes of one (loss, grads) step, compile only."""
+def context_mesh(context):
+    from longtrain import parallel
+
+    return parallel.make_mesh(data=1, context=context, devices=jax.devices()[:context])
+
+
+def step_bytes(config, T, mode, chunk_size=None, kv_grad_dtype=None, context=1):
+    """temp + argument + output bytes of one (loss, grads) step per device, compile only. `context` > 1: SeCO with
+    every chunk split over that many devices (the batch sharded along the sequence, parameters replicated)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
     params = jax.eval_shape(lambda: models.init(config, jax.random.PRNGKey(0)))
+    batch = _abstract_batch(T)
     if mode == "full":
         fn = jax.value_and_grad(lambda p, b: sequence_loss(config, p, b))
+    elif context > 1:
+        mesh = context_mesh(context)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
+                              params)
+        batch = _abstract_batch(T, NamedSharding(mesh, P(None, "context")))
+        fn = lambda p, b: seco_grad(config, p, b, chunk_size, kv_grad_dtype=kv_grad_dtype, mesh=mesh)  # noqa: E731
     else:
         fn = lambda p, b: seco_grad(config, p, b, chunk_size, kv_grad_dtype=kv_grad_dtype)  # noqa: E731
-    ma = jax.jit(fn).lower(params, _abstract_batch(T)).compile().memory_analysis()
+    ma = jax.jit(fn).lower(params, batch).compile().memory_analysis()
     return ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
 
 
@@ -80,7 +103,7 @@ def best_variant(config, T, mode, chunk_size, variants):
     return min(sizes, key=sizes.get), sizes
 
 
-def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_grad_dtype=None):
+def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_grad_dtype=None, context=1):
     config = HYBRID_150M if hybrid else MODEL_150M
     n_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: models.init(config, jax.random.PRNGKey(0)))))
     print(f"model: {'minimax hybrid (12 lightning + 2 softmax layers)' if hybrid else 'llama-style'}, {n_params / 1e6:.0f}M params, bf16, E={config.hidden_size}, L={config.num_layers}, "
@@ -102,6 +125,10 @@ def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_gr
     full_T, full_per_tok = longest_T(lambda T: step_bytes(full_cfg, T, "full"), budget, probe, 1024, measured_full)
     seco_T, seco_per_tok = longest_T(lambda T: step_bytes(seco_cfg, T, "seco", chunk_size, kv_grad_dtype), budget,
                                      4 * probe, chunk_size, measured_seco)
+    if context > 1:
+        measured_cp = []
+        cp_T, cp_per_tok = longest_T(lambda T: step_bytes(seco_cfg, T, "seco", chunk_size, kv_grad_dtype, context),
+                                     budget, 4 * context * probe, chunk_size, measured_cp)
     name = lambda v: f"remat={v[0]}{', scanned layers' if v[1] else ''}"  # noqa: E731
     print(f"\n| method | bytes/token | longest T in {budget_gib:g} GiB | vs full |")
     print("|---|---|---|---|")
@@ -109,6 +136,10 @@ def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_gr
     acc = f", {jnp.dtype(kv_grad_dtype).name} K/V grad accumulator" if kv_grad_dtype else ""
     print(f"| SeCO (chunk {chunk_size}, {name(best_seco)}{acc}) | {seco_per_tok / 1024:.1f} KiB | {seco_T:,} | "
           f"{seco_T / full_T:.1f}x |")
+    if context > 1:
+        print(f"| SeCO across context={context} (per device; T is the whole sequence) | {cp_per_tok / 1024:.2f} KiB | "
+              f"{cp_T:,} | {cp_T / full_T:.1f}x ({cp_T / seco_T:.2f}x SeCO on one device, "
+              f"{cp_T / seco_T / context:.2f} of {context}x) |")
     print("\nGiB per step vs T (every compiled point):")
     print("| T | full | SeCO |")
     print("|---|---|---|")
@@ -132,7 +163,7 @@ def _time(fn, *args, repeats):
     return best
 
 
-def timing_table(T, chunk_size, repeats):
+def timing_table(T, chunk_size, repeats, context=1):
     config = ModelConfig(architecture="llama", vocab_size=4096, hidden_size=256, intermediate_size=768,
                          num_layers=4, num_heads=8, num_kv_heads=2, remat="full", attention_impl="xla")
     params = models.init(config, jax.random.PRNGKey(0))
@@ -158,6 +189,15 @@ def timing_table(T, chunk_size, repeats):
     print(f"| full backprop (remat=full) | {t_full:.3f} | 1.00 (vs full) |")
     print(f"| SeCO | {t_seco:.3f} | {t_seco / t_full:.2f} (vs full) |")
     print(f"| SpaCO p=0.25 (mean over {len(keys)} keys) | {t_spaco:.3f} | {t_spaco / t_seco:.2f} (vs SeCO) |")
+    if context > 1:  # the same total T and chunk, every chunk split over `context` simulated devices
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        mesh = context_mesh(context)
+        placed = jax.device_put(batch, NamedSharding(mesh, P(None, "context")))
+        seco_cp = jax.jit(lambda p, b: seco_grad(config, p, b, chunk_size, mesh=mesh))
+        t_cp = _time(seco_cp, jax.device_put(params, NamedSharding(mesh, P())), placed, repeats=repeats)
+        print(f"| SeCO across context={context} ({context} simulated devices on this CPU) | {t_cp:.3f} | "
+              f"{t_cp / t_seco:.2f} (vs SeCO) |")
 
 
 def main(argv=None) -> int:
@@ -173,14 +213,16 @@ def main(argv=None) -> int:
     parser.add_argument("--hybrid", action="store_true", help="memory table for the MiniMax-style hybrid model")
     parser.add_argument("--kv-grad-dtype", choices=["float32", "bfloat16"], default=None,
                         help="SeCO's K/V cotangent accumulator dtype (default fp32; bf16 halves it, less exact)")
+    parser.add_argument("--context", type=int, default=1,
+                        help="also SeCO with every chunk split over this many of the 8 simulated devices")
     parser.add_argument("--no-search", action="store_true",
                         help="use remat=full with scanned layers for both instead of searching the variants")
     args = parser.parse_args(argv)
     if not args.skip_memory:
         memory_table(args.budget_gib, args.chunk_size, args.probe, search=not args.no_search, hybrid=args.hybrid,
-                     kv_grad_dtype=args.kv_grad_dtype)
+                     kv_grad_dtype=args.kv_grad_dtype, context=args.context)
     if not args.skip_timing:
-        timing_table(args.time_T, args.time_chunk, args.repeats)
+        timing_table(args.time_T, args.time_chunk, args.repeats, context=args.context)
     return 0
 
 

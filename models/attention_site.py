@@ -68,6 +68,13 @@ def require_local(runtime, what: str) -> LocalRuntime:
     return runtime
 
 
+def gather_layer(runtime, state_l):
+    """One layer's parameter state as the layer computes with it: unchanged, unless the runtime holds parameters in
+    shards inside a shard_map (chunk-wise training across the context axis gathers them layer by layer, ZeRO-3)."""
+    gather = getattr(runtime, "gather_layer", None)
+    return state_l if gather is None else gather(state_l)
+
+
 def constrain(runtime, x, logical_axes: tuple):
     return runtime.constrain(x, logical_axes)
 

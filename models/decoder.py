@@ -150,7 +150,8 @@ class Decoder(CausalLM):
         x_BTE, inputs = self.embed_inputs(tokens_BT, positions=positions, segment_ids=segment_ids,
                                           runtime=runtime, token_index=token_index, kv_prefix=kv_prefix,
                                           return_kv=return_kv)
-        state, layer = layer_function(self.layers, lambda module, x, prefix_l: module(x, inputs, prefix_l))
+        state, layer = layer_function(self.layers, lambda module, x, prefix_l: module(x, inputs, prefix_l),
+                                      inputs.runtime)
         x_BTE, kvs = run_layers(layer, state, x_BTE, scan=self.config.scan_layers, remat_policy=self.config.remat,
                                 kv_prefix=kv_prefix, return_kv=return_kv)
         hidden_BTE = self.final_norm(x_BTE)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from longtrain.models import attention_site
 from longtrain.models.attention import ATTENTION_OUTPUT
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_output")
@@ -31,14 +32,14 @@ def stack_layers(make_layer, count: int, key=None) -> nnx.Module:
     return make(keys)
 
 
-def layer_function(stack: nnx.Module, apply):
+def layer_function(stack: nnx.Module, apply, runtime=None):
     """(state [L, ...], `fn(x, state_l, prefix_l) -> (x, kv_l)`) of a stack: `fn` merges layer l's slice of the
     state into a module and returns `apply(layer_module, x, prefix_l)`. Pure, so `run_layers` can scan and remat
-    it."""
+    it. The runtime may gather a sharded slice first (`attention_site.gather_layer`)."""
     graphdef, state = nnx.split(stack)
 
     def fn(x, state_l, prefix_l):
-        return apply(nnx.merge(graphdef, state_l), x, prefix_l)
+        return apply(nnx.merge(graphdef, attention_site.gather_layer(runtime, state_l)), x, prefix_l)
 
     return state, fn
 

@@ -155,6 +155,7 @@ def _make_layer_fn(config, layer_type: str, graphdefs: dict, inputs: LayerInputs
     segment_ids, runtime, return_kv = inputs.segment_ids, inputs.runtime, inputs.return_kv
 
     def layer(x_BTE, common_p, mixer_p, slope_H, prefix_l):
+        common_p, mixer_p = attention_site.gather_layer(runtime, (common_p, mixer_p))
         input_norm, post_attn_norm, moe = (nnx.merge(g, p) for g, p in zip(graphdefs["common"], common_p))
         mixer = nnx.merge(graphdefs[layer_type], mixer_p)
         h_BTE = input_norm(x_BTE)

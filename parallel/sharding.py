@@ -59,14 +59,14 @@ def logical_to_spec(logical_axes, shape, mesh, rules) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def _is_axes_leaf(x):
+def is_axes_leaf(x):
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
 def param_shardings(params, logical_axes_tree, mesh):
     """Pytree of NamedSharding for `params` (arrays or ShapeDtypeStructs) from the models' logical axes."""
     return jax.tree.map(lambda axes, p: NamedSharding(mesh, logical_to_spec(axes, p.shape, mesh, PARAM_RULES)),
-                        logical_axes_tree, params, is_leaf=_is_axes_leaf)
+                        logical_axes_tree, params, is_leaf=is_axes_leaf)
 
 
 # Balance mode (ZeRO-3 over the whole device pool): one flattened axis over every non-tensor mesh axis, in mesh
@@ -95,7 +95,7 @@ def pool_spec(logical_axes, shape, mesh) -> PartitionSpec:
 def pool_param_shardings(params, logical_axes_tree, mesh):
     """`param_shardings` for balance mode: every parameter split over the whole device pool (`pool_spec`)."""
     return jax.tree.map(lambda axes, p: NamedSharding(mesh, pool_spec(axes, p.shape, mesh)),
-                        logical_axes_tree, params, is_leaf=_is_axes_leaf)
+                        logical_axes_tree, params, is_leaf=is_axes_leaf)
 
 
 def shard_params(params, logical_axes_tree, mesh):

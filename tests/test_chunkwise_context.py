@@ -93,10 +93,13 @@ def test_spaco_weights_across_context_equal_one_device():
     assert _rel_err(got, want) <= 1e-10
 
 
-def test_collective_bytes_do_not_grow_with_the_number_of_chunks():
-    """No rank ever gathers the prefix: per chunk only that chunk's queries, outputs and weights move (T in all over
-    the chunks) and the gradient is reduced once, so the compiled step's collective bytes (while-loop trip counts
-    included) are the same for 4 and 8 chunks. Gathering the prefix per chunk would grow them with the count."""
+def test_collective_bytes_grow_only_by_one_gradient_reduce_scatter_per_chunk():
+    """The prefix never moves: per chunk only that chunk's queries, outputs and weights travel (T in all over the
+    chunks). With replicated parameters the gradient is summed locally and reduced once, so the compiled step's
+    collective bytes (while-loop trip counts included) are the same for 4 and 8 chunks. With ZeRO-3 parameters (the
+    default rules) every extra chunk adds exactly one reduce-scatter of the split parameters' gradient."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
     from longtrain.parallel.hlo_comm import collective_bytes, total_bytes
 
     config = _llama64()
@@ -104,10 +107,45 @@ def test_collective_bytes_do_not_grow_with_the_number_of_chunks():
     batch = _packed_batch(1, 256, config.vocab_size)
     mesh = parallel.make_mesh(data=1, context=8)
 
-    def comm(chunk):
-        step = jax.jit(lambda p, b: seco_grad(config, p, b, chunk, mesh=mesh))
+    def comm(chunk, shardings=None):
+        step = jax.jit(lambda p, b: seco_grad(config, p, b, chunk, mesh=mesh, grad_shardings=shardings))
         return collective_bytes(step.lower(params, batch).compile().as_text(), 8)
 
-    four, eight = comm(64), comm(32)
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+    four, eight = comm(64, replicated), comm(32, replicated)
     assert four.get("all-gather", 0) > 0, four
     assert total_bytes(eight) == pytest.approx(total_bytes(four), rel=1e-6), (four, eight)
+
+    zero3 = parallel.param_shardings(params, models.param_logical_axes(config), mesh)
+    split = sum(x.size * x.dtype.itemsize * 7 / 8 for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(zero3))
+                if s.shard_shape(x.shape) != x.shape)
+    assert split > 0
+    four, eight = comm(64, zero3), comm(32, zero3)
+    assert eight["reduce-scatter"] - four["reduce-scatter"] == pytest.approx(4 * split, rel=1e-6), (four, eight)
+
+
+def test_vocabulary_tables_gathered_in_the_compute_dtype_give_the_same_values_and_gradients():
+    """The embedding and LM head are gathered cast to bf16 (half the bytes) with their gradient reduce-scattered in
+    fp32: bitwise what gathering in fp32 and casting after gives, value and gradient."""
+    from jax.sharding import PartitionSpec as P
+
+    from longtrain.chunkwise.context import _gather, _gather_as
+
+    mesh = parallel.make_mesh(data=2, context=4)
+    spec = P(None, ("data", "context"))
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 16), jnp.float32)
+    ct = jax.random.normal(jax.random.PRNGKey(1), (5, 16), jnp.bfloat16)
+
+    def run(gather):
+        def local(x, ct):
+            y, vjp = jax.vjp(gather, x)
+            return y, vjp(ct)[0]
+        ct_spec = P(None, ("data", "context"))
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=(P(), ct_spec),
+                                     check_vma=False))(x, ct)
+
+    y_cast, g_cast = run(lambda x: _gather_as(x, spec, jnp.bfloat16))
+    y_ref, g_ref = run(lambda x: _gather(x, spec).astype(jnp.bfloat16))
+    assert y_cast.dtype == jnp.bfloat16 and g_cast.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y_cast, np.float32), np.asarray(y_ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(g_cast), np.asarray(g_ref))

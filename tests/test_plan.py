@@ -85,6 +85,14 @@ def test_balanced_longtail_8b_config_fits_8_devices_of_80_gib():
     assert "c=8 ranks x 32768 tokens" in r.stdout
 
 
+def test_seco_8b_at_1m_tokens_fits_8_devices_of_80_gib():
+    """Issue 16: an 8B Llama trained with SeCO on 1,048,576-token sequences, every chunk split over 8 context ranks
+    (K/V buffers and accumulator 1/8 per device, ZeRO-3 parameters gathered layer by layer)."""
+    r = _plan([os.path.join(REPO, "configs", "seco_llama_8b_1m.yaml"), "--devices", "8", "--memory-limit", "80GiB"])
+    assert r.returncode == 0 and "fits:" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "optim.mode=seco" in r.stdout and "context=8" in r.stdout
+
+
 def test_explain_names_the_largest_buffer_at_the_peak_and_its_source_line():
     """parallel.hlo_memory reads XLA's buffer assignment: a program whose temp memory is one [512, 512] fp32
     product reports that buffer first, with the line of this file that made it."""

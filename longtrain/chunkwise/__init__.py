@@ -71,8 +71,8 @@ def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *
     cotangent accumulator (default fp32, or fp64 for fp64 models). `grad_shardings`: optional pytree like params
     of shardings for the gradient accumulator (under FSDP pass the parameter shardings, else XLA may replicate it).
     `mesh` with a context axis > 1: every chunk is split over it (`context.py`: K/V buffers and accumulator
-    sharded along the sequence, the gradient reduced once); `batch_layout` names the sequence layout the batch
-    arrives in (the trainer's `mesh.layout`).
+    sharded along the sequence; parameters held as `grad_shardings` say, default the ZeRO-3 rules); `batch_layout`
+    names the sequence layout the batch arrives in (the trainer's `mesh.layout`).
     """
     model_config, z_loss = _model_and_z_loss(config, z_loss, mesh)
     acc_dtype = _acc_dtype(model_config)
@@ -94,7 +94,8 @@ def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *
         return context_parallel_chunkwise(
             model_config, params, batch, chunk_size, mesh,
             lambda p, b, chunk, runtime: engine(p, b, chunk, runtime, num_targets=1.0, shardings=None),
-            acc_dtype=acc_dtype, batch_layout=batch_layout)
+            acc_dtype=acc_dtype, batch_layout=batch_layout,
+            param_specs=None if grad_shardings is None else jax.tree.map(lambda s: s.spec, grad_shardings))
     return engine(params, batch, chunk_size)
 
 

@@ -63,7 +63,21 @@ def context_chunk_size(chunk_size: int, seq_len: int, context: int) -> int:
 
 class ContextChunkRuntime(LocalRuntime):
     """The local kernels of one rank inside the chunk-wise `shard_map`, plus attention against the prefix sharded
-    over the `context` axis (module docstring)."""
+    over the `context` axis (module docstring), and ZeRO-3 parameters: every rank holds only its shard of each
+    parameter (`ShardedParams`), gathered as it is used."""
+
+    def __init__(self, attention_impl, lightning_impl, lightning_block_size, params: "ShardedParams | None" = None):
+        super().__init__(attention_impl, lightning_impl, lightning_block_size)
+        self.params = params
+
+    def gather_layer(self, state_l):
+        return state_l if self.params is None else self.params.gather_layer(state_l)
+
+    def gather_outer_params(self, params):
+        return params if self.params is None else self.params.gather(params, layers=False)
+
+    def gather_all_params(self, params):
+        return params if self.params is None else self.params.gather(params, layers=True)
 
     def attention(self, *args, **kwargs):
         raise ValueError("chunk-wise training across the context axis runs every chunk against its prefix "
@@ -107,6 +121,100 @@ class ContextChunkRuntime(LocalRuntime):
                                block_size=self.lightning_block_size, return_state=return_state)
 
 
+def _gather(x, spec):
+    """All-gather the dimensions of a local shard that `spec` splits over mesh axes (inside the shard_map). The
+    transpose, in the backward, reduce-scatters the gradient into the shard."""
+    for dim, entry in enumerate(spec):
+        axes = _axes_of(entry)
+        if axes:
+            x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+    return x
+
+
+def _axes_of(entry) -> tuple:
+    return tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if jax.lax.axis_size(a) > 1)
+
+
+def _gather_as(x, spec, dtype):
+    """`_gather` of x cast to `dtype` first (half the bytes gathered and held), its gradient reduce-scattered in x's
+    own dtype: exact for a weight its consumer casts to `dtype` anyway (the embedding lookup and the LM head)."""
+
+    @jax.custom_vjp
+    def gathered(x):
+        return _gather(x.astype(dtype), spec)
+
+    def fwd(x):
+        return gathered(x), None
+
+    def bwd(_, g):
+        g = g.astype(x.dtype)
+        for dim in reversed(range(len(spec))):
+            axes = _axes_of(spec[dim])
+            if axes:
+                g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+        return (g,)
+
+    gathered.defvjp(fwd, bwd)
+    return gathered(x)
+
+
+class ShardedParams:
+    """Which parameter shards a rank holds: the partition specs of the parameter dict (the trainer's ZeRO-3 rules,
+    `parallel.param_shardings`) and, for a layer slice seen inside a layer stack (an nnx state whose Variables carry
+    their logical axes), the spec of each leaf by (logical axes, local shape)."""
+
+    def __init__(self, logical_axes, specs, mesh, compute_dtype=None):
+        """`compute_dtype`: the vocabulary tables (embedding, LM head), which the model only uses cast to it, are
+        gathered in it (`_gather_as`)."""
+        self.logical_axes, self.specs, self.mesh, self.compute_dtype = logical_axes, specs, mesh, compute_dtype
+        self.by_leaf: dict[tuple, tuple] = {}
+
+    def register(self, abstract_params):
+        """Index every stacked leaf by (its logical axes without "layers", its local per-layer shape)."""
+        from longtrain.parallel.sharding import is_axes_leaf
+
+        def add(axes, spec, a):
+            if not axes or axes[0] != "layers":
+                return
+            local = jax.sharding.NamedSharding(self.mesh, spec).shard_shape(a.shape)[1:]
+            key, value = (tuple(axes[1:]), tuple(local)), tuple(spec)[1:]
+            if self.by_leaf.setdefault(key, value) != value:
+                raise ValueError(f"two stacked parameters with logical axes {key[0]} and local shape {key[1]} are "
+                                 f"sharded differently ({self.by_leaf[key]} vs {value})")
+
+        jax.tree.map(add, self.logical_axes, self.specs, abstract_params, is_leaf=is_axes_leaf)
+        return self
+
+    def gather(self, params, *, layers: bool):
+        """The parameter dict with its shards gathered: every leaf outside the layer stacks, and with `layers` the
+        stacked ones too (shape inference only: the layers gather one layer at a time as they run)."""
+        from longtrain.parallel.sharding import is_axes_leaf
+
+        def one(axes, spec, x):
+            if axes and axes[0] == "layers" and not layers:
+                return x
+            cast = self.compute_dtype
+            if (cast is not None and "vocab" in axes and jnp.issubdtype(x.dtype, jnp.floating)
+                    and jnp.dtype(cast).itemsize < x.dtype.itemsize):
+                return _gather_as(x, spec, cast)
+            return _gather(x, spec)
+
+        return jax.tree.map(one, self.logical_axes, self.specs, params, is_leaf=is_axes_leaf)
+
+    def gather_layer(self, state_l):
+        from flax import nnx
+
+        def one(v):
+            if not isinstance(v, nnx.Variable):
+                return v
+            axes = tuple(v.get_metadata().get("out_sharding") or ())
+            axes = axes[1:] if axes[:1] == ("layers",) else axes
+            spec = self.by_leaf.get((axes, tuple(v.shape)))
+            return v if spec is None else v.replace(_gather(v.get_value(), spec))
+
+        return jax.tree.map(one, state_l, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _from_rank0(x):
     """Rank 0's value of x on every rank of the context axis (integers)."""
     return jax.lax.psum(jnp.where(jax.lax.axis_index(CONTEXT) == 0, x, jnp.zeros_like(x)), CONTEXT)
@@ -125,11 +233,16 @@ def gather_index(seq_len: int, padded_len: int, chunk: int, context: int, batch_
 
 
 def context_parallel_chunkwise(model_config, params, batch, chunk_size: int, mesh, local_grad, *, acc_dtype,
-                               batch_layout: str = "contiguous"):
+                               batch_layout: str = "contiguous", param_specs=None):
     """(loss, grads) of the whole batch, normalised by its global target count, with every chunk split over
     `mesh`'s context axis. `batch` [B, T] arrives in the `batch_layout` sequence order (the trainer's mesh.layout).
     `local_grad(params, local_batch, chunk, runtime) -> (loss_sum, grads_sum)` runs the engine on one rank's share
-    (local batch: [b, Tp/P] in the chunk-major layout, with its global "token_index")."""
+    (local batch: [b, Tp/P] in the chunk-major layout, with its global "token_index").
+
+    `param_specs` (pytree like params of PartitionSpecs; default: the trainer's ZeRO-3 rules) say which shard of
+    each parameter a rank holds. A split parameter is gathered where it is used and its gradient reduce-scattered
+    into the shard at every chunk (memory: shards only; bytes: one gradient reduce-scatter per chunk). A replicated
+    parameter's gradient is summed locally over the chunks and reduced once."""
     B, T = batch["tokens"].shape
     Pc = mesh.shape[CONTEXT]
     C = context_chunk_size(chunk_size, T, Pc)
@@ -144,16 +257,29 @@ def context_parallel_chunkwise(model_config, params, batch, chunk_size: int, mes
     spec = P(row_axes, CONTEXT)
     laid = {name: jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
             for name, x in laid.items()}
+    from longtrain import models, parallel
+
+    logical_axes = models.param_logical_axes(model_config)
+    if param_specs is None:
+        param_specs = jax.tree.map(lambda s: s.spec, parallel.param_shardings(params, logical_axes, mesh))
+    from longtrain.models.layers import dtype_of
+
+    sharded = ShardedParams(logical_axes, param_specs, mesh, dtype_of(model_config.dtype)).register(params)
     runtime = ContextChunkRuntime(model_config.attention_impl, model_config.lightning_impl,
-                                  model_config.lightning_block_size)
+                                  model_config.lightning_block_size, sharded)
     reduce_axes = (*row_axes, CONTEXT)
+
+    def rest_of(spec):  # the batch axes a gradient shard is not yet summed over (its gather's transpose did those)
+        done = {a for axes in spec for a in ((axes,) if isinstance(axes, str) else (axes or ()))}
+        return tuple(a for a in reduce_axes if a not in done)
 
     def local(p, local_batch):
         loss_sum, grads = local_grad(p, local_batch, C // Pc, runtime)
         n = jnp.sum(local_batch["loss_mask"])
-        loss_sum, grads, n = jax.lax.psum((loss_sum, grads, n), reduce_axes)  # once per call, not per chunk
-        n = jnp.maximum(n, 1.0)
+        loss_sum, n = jax.lax.psum((loss_sum, n), reduce_axes)
+        grads = jax.tree.map(lambda g, s: jax.lax.psum(g, rest_of(s)) if rest_of(s) else g, grads, param_specs)
+        n = jnp.maximum(n, 1.0)  # one reduction per call, not per chunk
         return loss_sum / n, jax.tree.map(lambda g: g / n.astype(g.dtype), grads)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=(P(), P()), check_vma=False)(params,
-                                                                                                         laid)
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, spec), out_specs=(P(), param_specs),
+                         check_vma=False)(params, laid)

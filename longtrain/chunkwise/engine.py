@@ -63,8 +63,9 @@ class ChunkProgram:
         """`runtime`: what the model's attention runs on (None: one device; `context.ContextChunkRuntime` inside
         the context-parallel shard_map)."""
         self.config, self.cb, self.z_loss, self.runtime = model_config, cb, z_loss, None
-        # the caches' shapes, from a local run without a prefix (the same on every runtime)
-        own_shapes = jax.eval_shape(lambda p: self._run_chunk(p, None, 0, with_loss=False)[1], params)
+        # the caches' shapes, from a local run without a prefix on whole parameters (the same on every runtime)
+        whole = getattr(runtime, "gather_all_params", lambda p: p)
+        own_shapes = jax.eval_shape(lambda p: self._run_chunk(whole(p), None, 0, with_loss=False)[1], params)
         self.runtime = runtime
         self.kinds = cache_kinds(own_shapes)
         self.softmax_layers = [l for l, kind in enumerate(self.kinds) if kind == SOFTMAX]
@@ -85,8 +86,13 @@ class ChunkProgram:
 
     # ----------------------------------------------------------------------------------- the chunk function
     def _run_chunk(self, params, prefix, i, with_loss=True):
-        """(loss_sum_i / N or None, own cache list as the model returns it) of chunk i given `kv_prefix`."""
+        """(loss_sum_i / N or None, own cache list as the model returns it) of chunk i given `kv_prefix`. A runtime
+        holding parameter shards gathers the ones outside the layer stacks here (embedding, final norm, head), the
+        layers' as each layer runs, so their gradients come back reduce-scattered into the shards."""
         cb = self.cb
+        gather_outer = getattr(self.runtime, "gather_outer_params", None)
+        if gather_outer is not None:
+            params = gather_outer(params)
         hidden, own = models.forward_hidden(
             self.config, params, cb.slice("tokens", i), positions=cb.slice("positions", i),
             segment_ids=cb.slice("segment_ids", i), token_index=cb.slice("token_index", i), kv_prefix=prefix,

@@ -105,7 +105,7 @@ def make_micro_value_and_grad(config: Config, runtime: Any, *, mesh_shape: dict 
 
         def micro(params, batch, rng):  # chunk-wise runs the local kernels; XLA partitions the batch axis
             mean_loss, grads = chunkwise_value_and_grad(config, params, batch, rng,
-                                                        grad_shardings=None if local or context else grad_shardings,
+                                                        grad_shardings=None if local else grad_shardings,
                                                         mesh=mesh if context else None)
             n = jnp.sum(batch["loss_mask"].astype(jnp.float32))
             return mean_loss * n, jax.tree.map(lambda g: g * n.astype(g.dtype), grads)

@@ -54,9 +54,11 @@ def context_mesh(context):
     return parallel.make_mesh(data=1, context=context, devices=jax.devices()[:context])
 
 
-def step_bytes(config, T, mode, chunk_size=None, kv_grad_dtype=None, context=1):
+def step_bytes(config, T, mode, chunk_size=None, kv_grad_dtype=None, context=1, offload=False):
     """temp + argument + output bytes of one (loss, grads) step per device, compile only. `context` > 1: SeCO with
-    every chunk split over that many devices (the batch sharded along the sequence, parameters replicated)."""
+    every chunk split over that many devices (the batch sharded along the sequence, parameters replicated).
+    `offload`: SeCO with its K/V buffers and accumulator in host memory; the bytes returned are the device's, i.e.
+    the compiled total less those buffers (XLA:CPU lumps host and device memory; the buffers' sizes are exact)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     params = jax.eval_shape(lambda: models.init(config, jax.random.PRNGKey(0)))
@@ -70,9 +72,15 @@ def step_bytes(config, T, mode, chunk_size=None, kv_grad_dtype=None, context=1):
         batch = _abstract_batch(T, NamedSharding(mesh, P(None, "context")))
         fn = lambda p, b: seco_grad(config, p, b, chunk_size, kv_grad_dtype=kv_grad_dtype, mesh=mesh)  # noqa: E731
     else:
-        fn = lambda p, b: seco_grad(config, p, b, chunk_size, kv_grad_dtype=kv_grad_dtype)  # noqa: E731
+        fn = lambda p, b: seco_grad(config, p, b, chunk_size, kv_grad_dtype=kv_grad_dtype,  # noqa: E731
+                                    offload=offload)
     ma = jax.jit(fn).lower(params, batch).compile().memory_analysis()
-    return ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+    host = 0
+    if offload:
+        from longtrain.chunkwise import offloaded_kv_bytes
+
+        host = offloaded_kv_bytes(config, 1, -(-T // chunk_size) * chunk_size)
+    return ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes - host
 
 
 def longest_T(measure, budget, probe, multiple, measured):
@@ -103,7 +111,8 @@ def best_variant(config, T, mode, chunk_size, variants):
     return min(sizes, key=sizes.get), sizes
 
 
-def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_grad_dtype=None, context=1):
+def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_grad_dtype=None, context=1,
+                 offload=False):
     config = HYBRID_150M if hybrid else MODEL_150M
     n_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: models.init(config, jax.random.PRNGKey(0)))))
     print(f"model: {'minimax hybrid (12 lightning + 2 softmax layers)' if hybrid else 'llama-style'}, {n_params / 1e6:.0f}M params, bf16, E={config.hidden_size}, L={config.num_layers}, "
@@ -125,6 +134,9 @@ def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_gr
     full_T, full_per_tok = longest_T(lambda T: step_bytes(full_cfg, T, "full"), budget, probe, 1024, measured_full)
     seco_T, seco_per_tok = longest_T(lambda T: step_bytes(seco_cfg, T, "seco", chunk_size, kv_grad_dtype), budget,
                                      4 * probe, chunk_size, measured_seco)
+    if offload:
+        off_T, off_per_tok = longest_T(lambda T: step_bytes(seco_cfg, T, "seco", chunk_size, kv_grad_dtype,
+                                                            offload=True), budget, 16 * probe, chunk_size, [])
     if context > 1:
         measured_cp = []
         cp_T, cp_per_tok = longest_T(lambda T: step_bytes(seco_cfg, T, "seco", chunk_size, kv_grad_dtype, context),
@@ -136,6 +148,9 @@ def memory_table(budget_gib, chunk_size, probe, search=True, hybrid=False, kv_gr
     acc = f", {jnp.dtype(kv_grad_dtype).name} K/V grad accumulator" if kv_grad_dtype else ""
     print(f"| SeCO (chunk {chunk_size}, {name(best_seco)}{acc}) | {seco_per_tok / 1024:.1f} KiB | {seco_T:,} | "
           f"{seco_T / full_T:.1f}x |")
+    if offload:
+        print(f"| SeCO, K/V buffers + accumulator in host memory (device bytes) | {off_per_tok / 1024:.2f} KiB | "
+              f"{off_T:,} | {off_T / full_T:.1f}x |")
     if context > 1:
         print(f"| SeCO across context={context} (per device; T is the whole sequence) | {cp_per_tok / 1024:.2f} KiB | "
               f"{cp_T:,} | {cp_T / full_T:.1f}x ({cp_T / seco_T:.2f}x SeCO on one device, "
@@ -215,12 +230,14 @@ def main(argv=None) -> int:
                         help="SeCO's K/V cotangent accumulator dtype (default fp32; bf16 halves it, less exact)")
     parser.add_argument("--context", type=int, default=1,
                         help="also SeCO with every chunk split over this many of the 8 simulated devices")
+    parser.add_argument("--offload", action="store_true",
+                        help="also SeCO with optim.seco_offload=host (device bytes: compiled total less the buffers)")
     parser.add_argument("--no-search", action="store_true",
                         help="use remat=full with scanned layers for both instead of searching the variants")
     args = parser.parse_args(argv)
     if not args.skip_memory:
         memory_table(args.budget_gib, args.chunk_size, args.probe, search=not args.no_search, hybrid=args.hybrid,
-                     kv_grad_dtype=args.kv_grad_dtype, context=args.context)
+                     kv_grad_dtype=args.kv_grad_dtype, context=args.context, offload=args.offload)
     if not args.skip_timing:
         timing_table(args.time_T, args.time_chunk, args.repeats, context=args.context)
     return 0

@@ -90,9 +90,11 @@ class StackedCaches:
     """
 
     def __init__(self, stacked: dict, shared: dict, grad_sink: dict | None = None, dtype=None,
-                 side: list | None = None):
+                 side: list | None = None, fetch=None):
+        """`fetch` (optional): applied to each layer slice before use, e.g. a move from host memory to the device
+        when the stack lives in host memory (chunk-wise offload)."""
         self.stacked, self.shared, self.grad_sink, self.dtype = stacked, shared, grad_sink, dtype
-        self.side = side
+        self.side, self.fetch = side, fetch
         self.grad_sink_out = None
         if grad_sink is not None and set(grad_sink) != set(stacked):
             raise ValueError(f"grad_sink keys {sorted(grad_sink)} must equal the stacked cache keys {sorted(stacked)}")
@@ -101,7 +103,9 @@ class StackedCaches:
         return num_stacked(self.stacked)
 
     def read(self, stacked_l: dict) -> dict:
-        """One layer's slice of `stacked` as arrays of the cache dtype."""
+        """One layer's slice of `stacked` as arrays of the cache dtype (on the device)."""
+        if self.fetch is not None:
+            stacked_l = {name: self.fetch(a) for name, a in stacked_l.items()}
         if self.dtype is None:
             return stacked_l
         return {name: jax.lax.bitcast_convert_type(a, self.dtype) for name, a in stacked_l.items()}
@@ -121,7 +125,12 @@ def bit_storage_dtype(dtype):
 
 def _add_into_layer(sink, l, g):
     """sink with g added to its layer-l slice: one in-place scatter-add (XLA:CPU does not fuse a dynamic-slice +
-    add + dynamic-update-slice, and would write out an fp32 copy of the layer slice)."""
+    add + dynamic-update-slice, and would write out an fp32 copy of the layer slice). A sink in host memory (chunk-
+    wise offload) streams the slice: read it to the device, add, write it back (the same additions, bitwise)."""
+    if getattr(jax.typeof(sink), "memory_space", None) == jax.memory.Space.Host:
+        layer = jax.device_put(jax.lax.dynamic_index_in_dim(sink, l, keepdims=False), jax.memory.Space.Device)
+        layer = layer + g.astype(sink.dtype)
+        return jax.lax.dynamic_update_index_in_dim(sink, jax.device_put(layer, jax.memory.Space.Host), l, 0)
     return sink.at[l].add(g.astype(sink.dtype), mode="promise_in_bounds")
 
 

@@ -62,7 +62,7 @@ def sequence_loss(config, params, batch, *, z_loss=None, runtime=None):
 
 def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *, z_loss=None,
                         loss_from_forward=False, kv_grad_dtype=None, grad_shardings=None, mesh=None,
-                        batch_layout="contiguous"):
+                        batch_layout="contiguous", offload=False):
     """(loss, grads) where chunk i's local backward is scaled by `chunk_weights[i]` ([num_chunks] array; None = all
     ones = SeCO, exact). A zero weight skips that chunk's recompute and backward (`lax.cond`). The weight multiplies
     both the chunk's own loss and the cache cotangent it passes on, so a gradient path through chunks i1..in gets
@@ -72,7 +72,9 @@ def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *
     of shardings for the gradient accumulator (under FSDP pass the parameter shardings, else XLA may replicate it).
     `mesh` with a context axis > 1: every chunk is split over it (`context.py`: K/V buffers and accumulator
     sharded along the sequence; parameters held as `grad_shardings` say, default the ZeRO-3 rules); `batch_layout`
-    names the sequence layout the batch arrives in (the trainer's `mesh.layout`).
+    names the sequence layout the batch arrives in (the trainer's `mesh.layout`). `offload=True` keeps the K/V
+    buffers and their cotangent accumulator in host memory, streamed to the device one layer slice at a time (the
+    same arithmetic: results equal offload off bitwise).
     """
     model_config, z_loss = _model_and_z_loss(config, z_loss, mesh)
     acc_dtype = _acc_dtype(model_config)
@@ -82,7 +84,8 @@ def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *
         if chunk_weights is not None and tuple(jnp.shape(chunk_weights)) != (cb.num_chunks,):
             raise ValueError(f"chunk_weights must have shape [num_chunks]=({cb.num_chunks},); got "
                              f"{tuple(jnp.shape(chunk_weights))}")
-        prog = ChunkProgram(model_config, p, cb, z_loss=float(z_loss), kv_grad_dtype=kv_grad_dtype, runtime=runtime)
+        prog = ChunkProgram(model_config, p, cb, z_loss=float(z_loss), kv_grad_dtype=kv_grad_dtype, runtime=runtime,
+                            offload=offload)
         buffers, entering, forward_loss = forward_fill(prog, p, with_loss=loss_from_forward)
         recomputed_loss, grads = reverse_accumulate(prog, p, buffers, entering, chunk_weights, shardings)
         return (forward_loss if loss_from_forward else recomputed_loss), grads
@@ -124,6 +127,41 @@ def spaco_fixed_count_grad(config, params, batch, chunk_size, num_selected, rng,
     return chunk_weighted_grad(config, params, batch, chunk_size, weights, loss_from_forward=True, **options)
 
 
+def offloaded_bytes_per_device(config, mesh_shape: dict | None = None) -> int:
+    """Bytes of host memory per device that `optim.seco_offload=host` uses for a step of `config` (a full Config):
+    the softmax layers' K/V buffers (model dtype) and their cotangent accumulator (fp32, fp64 for fp64 models), for
+    this device's rows and its 1/context share of the padded sequence. 0 when nothing is offloaded."""
+    if config.optim.mode not in ("seco", "spaco") or config.optim.seco_offload != "host":
+        return 0
+    shape = mesh_shape or {}
+    P = shape.get("context", 1)
+    rows = max(1, config.data.batch_size // (shape.get("data", 1) * shape.get("fsdp", 1)))
+    T = config.data.seq_len
+    if P > 1:
+        from longtrain.chunkwise.context import context_chunk_size
+
+        C = context_chunk_size(config.optim.chunk_size, T, P)
+    else:
+        C = min(config.optim.chunk_size, T)
+    return offloaded_kv_bytes(config.model, rows, num_chunks(T, C) * C // P)
+
+
+def offloaded_kv_bytes(model_config, rows: int, tokens: int) -> int:
+    """Bytes of the softmax layers' K/V buffers (model dtype) plus their cotangent accumulator (fp32, fp64 for fp64
+    models) for `rows` x `tokens` tokens: what offload keeps in host memory."""
+    m = model_config
+    tokens_in = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    caches = jax.eval_shape(lambda p, t: models.forward_hidden(m, p, t, return_kv=True)[1],
+                            jax.eval_shape(lambda: models.init(m, jax.random.PRNGKey(0))), tokens_in)
+    kv = [c for c in caches if "k" in c and "v" in c]
+    if not kv:
+        return 0
+    value = jnp.dtype(m.dtype).itemsize
+    acc = jnp.promote_types(jnp.dtype(m.dtype), jnp.float32).itemsize
+    per_token = sum((c["k"].shape[-2] * c["k"].shape[-1] + c["v"].shape[-2] * c["v"].shape[-1]) for c in kv)
+    return rows * tokens * per_token * (value + acc)
+
+
 def chunkwise_value_and_grad(config, params, batch, rng=None, *, grad_shardings=None, mesh=None):
     """The trainer's single call: (loss, grads) by `config.optim.mode` (full | seco | spaco), using
     `optim.chunk_size`, `optim.spaco_keep_prob` and `optim.z_loss`. `config` is the full Config; `rng` is only
@@ -135,14 +173,16 @@ def chunkwise_value_and_grad(config, params, batch, rng=None, *, grad_shardings=
         return jax.value_and_grad(lambda p: sequence_loss(config, p, batch))(params)
     if mode == "seco":
         return seco_grad(config, params, batch, config.optim.chunk_size, grad_shardings=grad_shardings, mesh=mesh,
-                         batch_layout=config.mesh.layout)
+                         batch_layout=config.mesh.layout, offload=config.optim.seco_offload == "host")
     if mode == "spaco":
         if rng is None:
             raise ValueError("optim.mode='spaco' needs an rng key (chunkwise_value_and_grad(..., rng=key))")
         return spaco_grad(config, params, batch, config.optim.chunk_size, config.optim.spaco_keep_prob, rng,
-                          grad_shardings=grad_shardings, mesh=mesh, batch_layout=config.mesh.layout)
+                          grad_shardings=grad_shardings, mesh=mesh, batch_layout=config.mesh.layout,
+                          offload=config.optim.seco_offload == "host")
     raise ValueError(f"optim.mode={mode!r} is not a training mode; expected one of {MODES}")
 
 
 __all__ = ["MODES", "check_chunk_size", "chunk_weighted_grad", "chunkwise_value_and_grad", "num_chunks",
+           "offloaded_bytes_per_device", "offloaded_kv_bytes",
            "seco_grad", "sequence_loss", "spaco_fixed_count_grad", "spaco_grad"]

@@ -37,6 +37,13 @@ SOFTMAX, LIGHTNING = "softmax", "lightning"
 KV = ("k", "v")
 
 
+def to_device(x):
+    """A slice of a host-memory buffer, moved to the device (a no-op for device arrays)."""
+    if getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host:
+        return jax.device_put(x, jax.memory.Space.Device)
+    return x
+
+
 def cache_kinds(own_cache_shapes) -> list[str]:
     """Per layer, which kind of cache `forward_hidden(..., return_kv=True)` returns."""
     kinds = []
@@ -59,9 +66,12 @@ class ChunkProgram:
     [B,H,Dk,Dv]]}`; a chunk's own cache has the same structure with C tokens instead of Tp.
     """
 
-    def __init__(self, model_config, params, cb: ChunkedBatch, *, z_loss: float, kv_grad_dtype=None, runtime=None):
+    def __init__(self, model_config, params, cb: ChunkedBatch, *, z_loss: float, kv_grad_dtype=None, runtime=None,
+                 offload: bool = False):
         """`runtime`: what the model's attention runs on (None: one device; `context.ContextChunkRuntime` inside
-        the context-parallel shard_map)."""
+        the context-parallel shard_map). `offload`: the K/V buffers and their cotangent accumulator live in host
+        memory and stream to the device one layer slice at a time."""
+        self.offload = offload
         self.config, self.cb, self.z_loss, self.runtime = model_config, cb, z_loss, None
         # the caches' shapes, from a local run without a prefix on whole parameters (the same on every runtime)
         whole = getattr(runtime, "gather_all_params", lambda p: p)
@@ -113,7 +123,7 @@ class ChunkProgram:
             return side
         dtype = None if self.kv_storage == self.kv_dtype else self.kv_dtype
         shared = {"segment_ids": cb.prefix_segment_ids(i), "token_index": cb.token_index}
-        return StackedCaches(kv, shared, grad_sink, dtype=dtype, side=side)
+        return StackedCaches(kv, shared, grad_sink, dtype=dtype, side=side, fetch=to_device if self.offload else None)
 
     def _own(self, own):
         """The model's per-layer own caches -> {"kv": stacked [Ls,B,C,..] or None, "states": [...]}."""
@@ -138,15 +148,21 @@ class ChunkProgram:
 
     # -------------------------------------------------------------------------------------- cache buffers
     def to_storage(self, x):
-        """K/V values -> the buffers' storage dtype (raw words for 2-byte floats, see __init__)."""
-        return x if self.kv_storage == self.kv_dtype else jax.lax.bitcast_convert_type(x, self.kv_storage)
+        """K/V values -> the buffers' storage dtype (raw words for 2-byte floats, see __init__), in the buffers'
+        memory (host when offloading)."""
+        x = x if self.kv_storage == self.kv_dtype else jax.lax.bitcast_convert_type(x, self.kv_storage)
+        return self.placed(x)
+
+    def placed(self, x):
+        """An O(T) buffer where it lives: host memory when offloading, else as is."""
+        return jax.device_put(x, jax.memory.Space.Host) if self.offload else x
 
     def empty_caches(self):
         """Zero caches entering chunk 0: softmax [Ls,B,Tp,Hkv,D] buffers (storage dtype), lightning zero states."""
         kv = None
         if self.softmax_layers:
             Ls, Tp = len(self.softmax_layers), self.cb.padded_len
-            kv = {n: jnp.zeros((Ls, s.shape[0], Tp, *s.shape[2:]), self.kv_storage)
+            kv = {n: self.placed(jnp.zeros((Ls, s.shape[0], Tp, *s.shape[2:]), self.kv_storage))
                   for n, s in self.kv_shapes.items()}
         return {"kv": kv, "states": [jnp.zeros(s.shape, s.dtype) for s in self.state_shapes]}
 
@@ -190,8 +206,8 @@ def reverse_accumulate(prog: ChunkProgram, params, kv, entering, chunk_weights, 
         """This chunk's own K/V slice of the accumulated cotangent, scaled by w, in the K/V dtype."""
         if kv_ct is None:
             return None
-        return {n: (w * jax.lax.dynamic_slice_in_dim(kv_ct[n], i * cb.chunk, cb.chunk, axis=2)).astype(prog.kv_dtype)
-                for n in KV}
+        return {n: (w * to_device(jax.lax.dynamic_slice_in_dim(kv_ct[n], i * cb.chunk, cb.chunk, axis=2))
+                    ).astype(prog.kv_dtype) for n in KV}
 
     def local_grads(kv_ct, state_cts, i, w):
         """(loss_i, d_params, new K/V accumulator, state cotangents entering chunk i) of chunk i, weight w."""
@@ -227,7 +243,7 @@ def reverse_accumulate(prog: ChunkProgram, params, kv, entering, chunk_weights, 
 
     empty = prog.empty_caches()
     kv_ct = (None if empty["kv"] is None
-             else {n: jnp.zeros(empty["kv"][n].shape, prog.kv_grad_dtype_of(prog.kv_dtype)) for n in KV})
+             else {n: prog.placed(jnp.zeros(empty["kv"][n].shape, prog.kv_grad_dtype_of(prog.kv_dtype))) for n in KV})
     state_cts = [jnp.zeros_like(s) for s in empty["states"]]
     # gradients accumulate over chunks in fp32 at least (bf16 params would lose ~sqrt(k) ulps), cast back at the end
     acc_zeros = lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32))  # noqa: E731

@@ -96,6 +96,11 @@ def plan(config, explain: int = 0) -> dict:
     outs = int(mem.output_size_in_bytes)
     alias = int(mem.alias_size_in_bytes)
     temp = int(mem.temp_size_in_bytes)
+    from longtrain.chunkwise import offloaded_bytes_per_device
+
+    # XLA:CPU lumps host and device buffers together and drops the in-program host placements; the offloaded
+    # buffers' sizes are exact, and the cuda lowering carries their placement (tests/test_chunkwise_offload.py)
+    host = offloaded_bytes_per_device(config, dict(session.mesh.shape))
     return {
         "mesh": dict(session.mesh.shape),
         "devices": jax.device_count(),
@@ -105,7 +110,8 @@ def plan(config, explain: int = 0) -> dict:
             {k: program.abstract_state[k] for k in ("step", "rng", "nonfinite_run", "nonfinite_total")}),
         "temp": temp,
         "outputs_not_aliased": max(outs - alias, 0),
-        "total": args + max(outs - alias, 0) + temp,
+        "total": args + max(outs - alias, 0) + temp - host,
+        "host": host,
         "collectives": bytes_per_collective(compiled.as_text(), jax.device_count()),
         "compile_s": compile_s,
         "peak": peak,
@@ -191,8 +197,14 @@ def print_report(config, report: dict, out=sys.stdout) -> None:
     print(f"  sequence {config.data.seq_len} tokens x {config.data.batch_size} rows, "
           f"optim.mode={config.optim.mode}, model.remat={config.model.remat}", file=out)
     print("per-device memory:", file=out)
+    host = report.get("host", 0)
     for key in ("params", "optimizer", "batch_and_other_args", "temp", "outputs_not_aliased", "total"):
-        print(f"  {key:<22}{fmt_bytes(report[key]):>14}", file=out)
+        label = "temp (device + host)" if key == "temp" and host else key
+        print(f"  {label:<22}{fmt_bytes(report[key]):>14}" + ("  (device)" if key == "total" and host else ""),
+              file=out)
+    if host:
+        print(f"  {'host (offloaded)':<22}{fmt_bytes(host):>14}  (SeCO K/V buffers + accumulator, "
+              "optim.seco_offload=host; not counted in the device total)", file=out)
     print("communication per " + ("micro-batch" if balance else "step") + ", bytes sent per device:", file=out)
     for op, n in report["collectives"].items():
         print(f"  {op:<22}{fmt_bytes(n):>14}", file=out)

@@ -342,6 +342,11 @@ def check_cross_fields(config: Config, *, num_devices: int | None = None) -> Non
         raise ConfigError(
             f"model.experts_per_token={m.experts_per_token} exceeds model.num_experts={m.num_experts}"
         )
+    if config.optim.seco_offload != "none" and config.optim.mode == "full":
+        raise ConfigError(
+            f"optim.seco_offload={config.optim.seco_offload!r} offloads the chunk-wise K/V buffers; optim.mode='full' "
+            "has none: set optim.mode=seco or spaco, or optim.seco_offload=none"
+        )
     if m.layer_types is not None:
         allowed = ("full_attention", "linear_attention")
         for i, t in enumerate(m.layer_types):

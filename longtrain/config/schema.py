@@ -195,6 +195,7 @@ class OptimConfig:
     mode: Literal["full", "seco", "spaco"] = "full"
     chunk_size: int = knob(1024, ge=1)
     spaco_keep_prob: float = knob(0.5, gt=0, le=1)
+    seco_offload: Literal["none", "host"] = "none"  # seco/spaco: K/V buffers + accumulator in host memory
 
 
 @dataclasses.dataclass

@@ -85,3 +85,5 @@ def test_offload_without_chunkwise_training_is_refused_by_name():
 
     with pytest.raises(ConfigError, match="optim.seco_offload='host'.*optim.mode='full'"):
         load_config(None, ["optim.seco_offload=host"])
+    with pytest.raises(ConfigError, match="optim.seco_params='replicated'.*mesh.context=1"):
+        load_config(None, ["optim.seco_params=replicated", "optim.mode=seco", "mesh.context=1"])

@@ -151,3 +151,22 @@ def test_seco_under_data_parallelism_reduces_the_gradient_once_and_stays_exact()
         loss, grads = fn(replicated, sharded, key)
         np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale), grads, g_ref)
+
+
+@pytest.mark.parametrize("held,grows", [("replicated", False), ("zero3", True)])
+def test_plan_of_seco_across_context_bytes_and_the_chunk_count(held, grows):
+    """`plan` of SeCO on data=2 x context=4: with optim.seco_params=replicated the step's collective bytes do not
+    depend on the number of chunks (one gradient reduction, chunk-sized attention traffic); with zero3 (the
+    default, parameters sharded inside the chunk loop) they grow with it (a gradient reduce-scatter per chunk)."""
+    from longtrain.commands.plan import plan
+
+    def comm(chunk):
+        cfg = load_config(None, ["model.vocab_size=256", "model.hidden_size=32", "model.intermediate_size=48",
+                                 "model.num_heads=4", "model.num_kv_heads=2", "data.seq_len=128",
+                                 "data.batch_size=2", "mesh.data=2", "mesh.context=4", "optim.mode=seco",
+                                 f"optim.chunk_size={chunk}", f"optim.seco_params={held}", "train.steps=4",
+                                 "optim.warmup_steps=0"], num_devices=8)
+        return sum(plan(cfg)["collectives"].values())
+
+    two, four = comm(64), comm(32)
+    assert (four > two * 1.05) if grows else (four == pytest.approx(two, rel=1e-6)), (two, four)

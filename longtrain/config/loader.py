@@ -347,6 +347,12 @@ def check_cross_fields(config: Config, *, num_devices: int | None = None) -> Non
             f"optim.seco_offload={config.optim.seco_offload!r} offloads the chunk-wise K/V buffers; optim.mode='full' "
             "has none: set optim.mode=seco or spaco, or optim.seco_offload=none"
         )
+    if config.optim.seco_params != "zero3" and (config.optim.mode == "full" or config.mesh.context == 1):
+        raise ConfigError(
+            f"optim.seco_params={config.optim.seco_params!r} says how chunk-wise training across the context axis "
+            f"holds the parameters; it needs optim.mode=seco or spaco and mesh.context > 1 (got "
+            f"optim.mode={config.optim.mode!r}, mesh.context={config.mesh.context})"
+        )
     if m.layer_types is not None:
         allowed = ("full_attention", "linear_attention")
         for i, t in enumerate(m.layer_types):

@@ -196,6 +196,9 @@ class OptimConfig:
     chunk_size: int = knob(1024, ge=1)
     spaco_keep_prob: float = knob(0.5, gt=0, le=1)
     seco_offload: Literal["none", "host"] = "none"  # seco/spaco: K/V buffers + accumulator in host memory
+    # seco/spaco with mesh.context > 1: parameters ZeRO-3 inside the chunk loop (gathered per layer, gradient
+    # reduce-scattered per chunk) or replicated (gathered once, gradient reduced once per step)
+    seco_params: Literal["zero3", "replicated"] = "zero3"
 
 
 @dataclasses.dataclass

@@ -103,9 +103,16 @@ def make_micro_value_and_grad(config: Config, runtime: Any, *, mesh_shape: dict 
         # context.py); data only: each device runs its rows, one psum per micro-batch (_reduce_once_over_data)
         local = not context and mesh is not None and shape.get("data", 1) > 1 and shape.get("fsdp", 1) == 1
 
+        # under context parallelism the chunk loop holds the parameters as these shardings say
+        held = grad_shardings
+        if context and config.optim.seco_params == "replicated":
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            held = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), grad_shardings)
+
         def micro(params, batch, rng):  # chunk-wise runs the local kernels; XLA partitions the batch axis
             mean_loss, grads = chunkwise_value_and_grad(config, params, batch, rng,
-                                                        grad_shardings=None if local else grad_shardings,
+                                                        grad_shardings=None if local else held,
                                                         mesh=mesh if context else None)
             n = jnp.sum(batch["loss_mask"].astype(jnp.float32))
             return mean_loss * n, jax.tree.map(lambda g: g * n.astype(g.dtype), grads)

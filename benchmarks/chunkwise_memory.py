@@ -78,8 +78,9 @@ def step_bytes(config, T, mode, chunk_size=None, kv_grad_dtype=None, context=1, 
     host = 0
     if offload:
         from longtrain.chunkwise import offloaded_kv_bytes
+        from longtrain.chunkwise.layout import chunk_and_padded_len
 
-        host = offloaded_kv_bytes(config, 1, -(-T // chunk_size) * chunk_size)
+        host = offloaded_kv_bytes(config, 1, chunk_and_padded_len(T, chunk_size)[1], kv_grad_dtype)
     return ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes - host
 
 

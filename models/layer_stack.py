@@ -123,11 +123,16 @@ def bit_storage_dtype(dtype):
     return None
 
 
+def in_host_memory(x) -> bool:
+    """Whether a traced array lives in host memory (`jax.memory.Space.Host`)."""
+    return getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host
+
+
 def _add_into_layer(sink, l, g):
     """sink with g added to its layer-l slice: one in-place scatter-add (XLA:CPU does not fuse a dynamic-slice +
     add + dynamic-update-slice, and would write out an fp32 copy of the layer slice). A sink in host memory (chunk-
     wise offload) streams the slice: read it to the device, add, write it back (the same additions, bitwise)."""
-    if getattr(jax.typeof(sink), "memory_space", None) == jax.memory.Space.Host:
+    if in_host_memory(sink):
         layer = jax.device_put(jax.lax.dynamic_index_in_dim(sink, l, keepdims=False), jax.memory.Space.Device)
         layer = layer + g.astype(sink.dtype)
         return jax.lax.dynamic_update_index_in_dim(sink, jax.device_put(layer, jax.memory.Space.Host), l, 0)

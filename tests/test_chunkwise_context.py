@@ -124,9 +124,9 @@ def test_collective_bytes_grow_only_by_one_gradient_reduce_scatter_per_chunk():
     assert eight["reduce-scatter"] - four["reduce-scatter"] == pytest.approx(4 * split, rel=1e-6), (four, eight)
 
 
-def test_vocabulary_tables_gathered_in_the_compute_dtype_give_the_same_values_and_gradients():
-    """The embedding and LM head are gathered cast to bf16 (half the bytes) with their gradient reduce-scattered in
-    fp32: bitwise what gathering in fp32 and casting after gives, value and gradient."""
+def test_vocabulary_tables_sent_in_the_compute_dtype_give_the_same_values_and_gradients():
+    """The embedding and LM head travel cast to bf16 (half the bytes) and reach their consumers in fp32 again, the
+    gradient reduce-scattered in fp32: bitwise what the consumer's own cast after an fp32 gather gives."""
     from jax.sharding import PartitionSpec as P
 
     from longtrain.chunkwise.context import _gather, _gather_as
@@ -134,18 +134,39 @@ def test_vocabulary_tables_gathered_in_the_compute_dtype_give_the_same_values_an
     mesh = parallel.make_mesh(data=2, context=4)
     spec = P(None, ("data", "context"))
     x = jax.random.normal(jax.random.PRNGKey(0), (5, 16), jnp.float32)
-    ct = jax.random.normal(jax.random.PRNGKey(1), (5, 16), jnp.bfloat16)
+    ct = jax.random.normal(jax.random.PRNGKey(1), (5, 16), jnp.bfloat16)  # the consumer's bf16 cotangent
 
     def run(gather):
         def local(x, ct):
             y, vjp = jax.vjp(gather, x)
             return y, vjp(ct)[0]
-        ct_spec = P(None, ("data", "context"))
-        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=(P(), ct_spec),
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=(P(), spec),
                                      check_vma=False))(x, ct)
 
-    y_cast, g_cast = run(lambda x: _gather_as(x, spec, jnp.bfloat16))
+    y_cast, g_cast = run(lambda x: _gather_as(x, spec, jnp.bfloat16).astype(jnp.bfloat16))
     y_ref, g_ref = run(lambda x: _gather(x, spec).astype(jnp.bfloat16))
     assert y_cast.dtype == jnp.bfloat16 and g_cast.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(y_cast, np.float32), np.asarray(y_ref, np.float32))
     np.testing.assert_array_equal(np.asarray(g_cast), np.asarray(g_ref))
+
+
+def test_bf16_model_gradients_equal_with_the_vocabulary_tables_sent_in_bf16(monkeypatch):
+    """Through the real embedding lookup and LM loss (bf16 compute, fp32 parameters, ZeRO-3 over context): sending
+    the vocabulary tables in bf16 changes no gradient bit (the consumers still form their gradients in fp32)."""
+    import dataclasses
+
+    from longtrain.chunkwise import context
+
+    config = dataclasses.replace(_llama64(), dtype="bfloat16", param_dtype="float32", attention_impl="xla")
+    with jax.enable_x64(False):
+        params = models.init(config, jax.random.PRNGKey(0))
+        rng = np.random.default_rng(3)
+        tokens = jnp.asarray(rng.integers(0, 4, (2, 64)), jnp.int32)  # few distinct tokens: repeated lookups
+        batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "loss_mask": jnp.ones((2, 64), jnp.float32)}
+        mesh = parallel.make_mesh(data=2, context=4)
+        step = lambda: jax.jit(lambda p, b: seco_grad(config, p, b, 32, mesh=mesh))(params, batch)  # noqa: E731
+        sent_bf16 = step()
+        monkeypatch.setattr(context, "_gather_as", lambda x, spec, dtype: context._gather(x, spec))
+        sent_fp32 = step()
+    for a, b in zip(jax.tree.leaves(sent_bf16), jax.tree.leaves(sent_fp32)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

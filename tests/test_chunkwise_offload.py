@@ -86,4 +86,22 @@ def test_offload_without_chunkwise_training_is_refused_by_name():
     with pytest.raises(ConfigError, match="optim.seco_offload='host'.*optim.mode='full'"):
         load_config(None, ["optim.seco_offload=host"])
     with pytest.raises(ConfigError, match="optim.seco_params='replicated'.*mesh.context=1"):
-        load_config(None, ["optim.seco_params=replicated", "optim.mode=seco", "mesh.context=1"])
+        load_config(None, ["optim.seco_params=replicated", "optim.mode=seco", "mesh.data=8", "mesh.context=-1"],
+                    num_devices=8)
+    with pytest.raises(ConfigError, match="optim.chunk_size=20 must be a multiple of 2 x mesh.context = 8"):
+        load_config(None, ["optim.mode=seco", "optim.chunk_size=20", "mesh.data=2", "mesh.context=4",
+                           "data.seq_len=128"], num_devices=8)
+    with pytest.raises(ConfigError, match="optim.seco_offload='host'.*no full_attention"):
+        load_config(None, ["optim.mode=seco", "optim.seco_offload=host", "model.architecture=minimax",
+                           "model.num_layers=2", "model.layer_types=[linear_attention,linear_attention]"])
+
+
+def test_offloaded_bytes_count_one_micro_batch():
+    from longtrain.chunkwise import offloaded_bytes_per_device
+    from longtrain.config import load_config
+
+    over = ["optim.mode=seco", "optim.seco_offload=host", "data.batch_size=8", "mesh.data=2", "mesh.context=4"]
+    one = offloaded_bytes_per_device(load_config(None, over, num_devices=8), {"data": 2, "context": 4})
+    two = offloaded_bytes_per_device(load_config(None, over + ["optim.grad_accum=2"], num_devices=8),
+                                     {"data": 2, "context": 4})
+    assert one == 2 * two > 0

@@ -8,13 +8,14 @@ activation memory (issue 8; algorithm and verification notes in shared/notes/lig
     chunkwise_value_and_grad(config, params, batch, rng)                          dispatch on optim.mode
     sequence_loss(config, params, batch)                                           full-sequence loss (mode full)
 
-`config` is either the full `longtrain.config.Config` (then z_loss comes from `optim.z_loss`, and a mesh with
-context parallelism is refused: chunk caches are single-device) or a bare `ModelConfig` (z_loss defaults to 0).
+`config` is either the full `longtrain.config.Config` (then z_loss comes from `optim.z_loss`; with mesh.context > 1
+pass the `mesh`) or a bare `ModelConfig` (z_loss defaults to 0).
 The loss is always sum of masked token losses / number of target tokens of the WHOLE batch (never a mean of
 per-chunk means). Batches are DESIGN.md §3 dicts; `targets` and `loss_mask` are required.
 
 Data parallel / FSDP: every function is a pure jit-able function of (params, batch); shard them as usual and the
-chunk loop runs on the sharded arrays. Context parallelism: not supported (a clear error).
+chunk loop runs on the sharded arrays. Context parallelism: pass `mesh=` (every chunk is split over its context
+axis, `context.py`). Host offload: `offload=True` (K/V buffers and accumulator in host memory, `engine.py`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 
 from longtrain import models
 from longtrain.chunkwise.engine import ChunkProgram, forward_fill, reverse_accumulate
-from longtrain.chunkwise.layout import chunk_batch, check_batch, check_chunk_size, global_num_targets, num_chunks
+from longtrain.chunkwise.layout import (chunk_and_padded_len, chunk_batch, check_batch, check_chunk_size,
+                                       global_num_targets, num_chunks)
 from longtrain.chunkwise.selection import bernoulli_weights, fixed_count_weights
 from longtrain.loss import lm_loss
 
@@ -105,7 +107,7 @@ def chunk_weighted_grad(config, params, batch, chunk_size, chunk_weights=None, *
 def seco_grad(config, params, batch, chunk_size, **options):
     """Exact (loss, grads) of the full-sequence loss, computed chunk by chunk (SeCO). Memory: the per-layer K/V
     (or lightning state) caches and their cotangents, O(T), plus one chunk's activations. `options`: z_loss,
-    kv_grad_dtype, grad_shardings (see `chunk_weighted_grad`)."""
+    kv_grad_dtype, grad_shardings, mesh, batch_layout, offload (see `chunk_weighted_grad`)."""
     return chunk_weighted_grad(config, params, batch, chunk_size, None, **options)
 
 
@@ -135,20 +137,15 @@ def offloaded_bytes_per_device(config, mesh_shape: dict | None = None) -> int:
         return 0
     shape = mesh_shape or {}
     P = shape.get("context", 1)
-    rows = max(1, config.data.batch_size // (shape.get("data", 1) * shape.get("fsdp", 1)))
-    T = config.data.seq_len
-    if P > 1:
-        from longtrain.chunkwise.context import context_chunk_size
-
-        C = context_chunk_size(config.optim.chunk_size, T, P)
-    else:
-        C = min(config.optim.chunk_size, T)
-    return offloaded_kv_bytes(config.model, rows, num_chunks(T, C) * C // P)
+    # rows of one micro-batch on one device (the step's batch is cut into optim.grad_accum micro-batches)
+    rows = max(1, config.data.batch_size // (config.optim.grad_accum * shape.get("data", 1) * shape.get("fsdp", 1)))
+    _, padded = chunk_and_padded_len(config.data.seq_len, config.optim.chunk_size, P)
+    return offloaded_kv_bytes(config.model, rows, padded // P)
 
 
-def offloaded_kv_bytes(model_config, rows: int, tokens: int) -> int:
-    """Bytes of the softmax layers' K/V buffers (model dtype) plus their cotangent accumulator (fp32, fp64 for fp64
-    models) for `rows` x `tokens` tokens: what offload keeps in host memory."""
+def offloaded_kv_bytes(model_config, rows: int, tokens: int, kv_grad_dtype=None) -> int:
+    """Bytes of the softmax layers' K/V buffers (model dtype) plus their cotangent accumulator (`kv_grad_dtype`,
+    default fp32, fp64 for fp64 models) for `rows` x `tokens` tokens: what offload keeps in host memory."""
     m = model_config
     tokens_in = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     caches = jax.eval_shape(lambda p, t: models.forward_hidden(m, p, t, return_kv=True)[1],
@@ -157,7 +154,7 @@ def offloaded_kv_bytes(model_config, rows: int, tokens: int) -> int:
     if not kv:
         return 0
     value = jnp.dtype(m.dtype).itemsize
-    acc = jnp.promote_types(jnp.dtype(m.dtype), jnp.float32).itemsize
+    acc = jnp.dtype(kv_grad_dtype or _acc_dtype(m)).itemsize
     per_token = sum((c["k"].shape[-2] * c["k"].shape[-1] + c["v"].shape[-2] * c["v"].shape[-1]) for c in kv)
     return rows * tokens * per_token * (value + acc)
 

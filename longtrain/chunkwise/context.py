@@ -18,8 +18,10 @@ ranks, taken without gradient), so value and gradient are exact; jax differentia
 all-gather's transpose is a reduce-scatter, and back), so each rank's K/V cotangents land in its own accumulator.
 Bytes per rank per softmax layer and chunk: (P-1)/P of the chunk's queries, outputs and weights; the K/V never move.
 
-Losses are summed, not normalised per rank (ranks exchange cotangents, so all must use one scale); the gradient is
-reduced ONCE per call over data x fsdp x context, then divided by the global target count.
+Losses are summed, not normalised per rank (ranks exchange cotangents, so all must use one scale). Parameters are
+held as their specs say (`ShardedParams`): a split one is gathered where it is used and its gradient reduce-
+scattered into the shard at every chunk; a replicated one's gradient is summed over the chunks and reduced once.
+The sums are divided by the global target count at the end.
 Lightning layers (the MiniMax hybrid): a rank's share of a chunk is two zigzag pieces, so the context-parallel
 lightning attention (`parallel.lightning`, all_gather variant) runs them: every rank summarises its pieces, the
 summaries are all-gathered, and each piece starts from the decayed prefix of the chunk's entering state and the
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from longtrain.chunkwise.layout import chunk_and_padded_len
 from longtrain.models.attention_site import LocalRuntime
 from longtrain.parallel.layout import layout_permutation
 
@@ -46,19 +49,6 @@ def chunk_layout_permutation(padded_len: int, chunk: int, context: int) -> np.nd
     within = layout_permutation("zigzag", chunk, context).reshape(context, n)  # rank r's tokens of one chunk
     perm = np.arange(k)[None, :, None] * chunk + within[:, None, :]  # [P, k, C/P]
     return perm.reshape(padded_len).astype(np.int32)
-
-
-def context_chunk_size(chunk_size: int, seq_len: int, context: int) -> int:
-    """The chunk C of a context-parallel chunk-wise step: `chunk_size`, or (one chunk) T rounded up to 2P. A chunk
-    must split into 2P zigzag pieces."""
-    unit = 2 * context
-    if chunk_size < seq_len:
-        if chunk_size % unit:
-            raise ValueError(f"optim.chunk_size={chunk_size} must be a multiple of 2 x mesh.context = {unit} for "
-                             f"chunk-wise training across the context axis (each chunk splits into {unit} zigzag "
-                             f"pieces)")
-        return chunk_size
-    return -(-seq_len // unit) * unit
 
 
 class ContextChunkRuntime(LocalRuntime):
@@ -136,23 +126,21 @@ def _axes_of(entry) -> tuple:
 
 
 def _gather_as(x, spec, dtype):
-    """`_gather` of x cast to `dtype` first (half the bytes gathered and held), its gradient reduce-scattered in x's
-    own dtype: exact for a weight its consumer casts to `dtype` anyway (the embedding lookup and the LM head)."""
+    """`_gather` of x that sends it in `dtype` (half the bytes on the wire) and hands the consumer x's own dtype
+    again, its gradient reduce-scattered in x's dtype: bitwise what gathering in x's dtype gives for a weight its
+    consumer casts to `dtype` anyway (the embedding lookup and the LM head), whose gradient the consumer then
+    still forms in x's dtype."""
 
     @jax.custom_vjp
     def gathered(x):
-        return _gather(x.astype(dtype), spec)
+        return _gather(x.astype(dtype), spec).astype(x.dtype)
 
     def fwd(x):
-        return gathered(x), None
+        return gathered(x), jnp.zeros((), x.dtype)  # residual: only x's dtype (the transpose needs no values)
 
-    def bwd(_, g):
-        g = g.astype(x.dtype)
-        for dim in reversed(range(len(spec))):
-            axes = _axes_of(spec[dim])
-            if axes:
-                g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
-        return (g,)
+    def bwd(like, g):  # the transpose of the plain gather: a reduce-scatter in x's dtype
+        shard = jax.ShapeDtypeStruct(x.shape, like.dtype)
+        return jax.linear_transpose(lambda y: _gather(y, spec), shard)(g.astype(like.dtype))
 
     gathered.defvjp(fwd, bwd)
     return gathered(x)
@@ -245,8 +233,7 @@ def context_parallel_chunkwise(model_config, params, batch, chunk_size: int, mes
     parameter's gradient is summed locally over the chunks and reduced once."""
     B, T = batch["tokens"].shape
     Pc = mesh.shape[CONTEXT]
-    C = context_chunk_size(chunk_size, T, Pc)
-    Tp = -(-T // C) * C
+    C, Tp = chunk_and_padded_len(T, chunk_size, Pc)
     index, token_index = gather_index(T, Tp, C, Pc, batch_layout)
     full = {"tokens": batch["tokens"], "targets": batch["targets"], "loss_mask": batch["loss_mask"].astype(acc_dtype),
             "positions": batch.get("positions", jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))),

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from longtrain import models
 from longtrain.chunkwise.layout import ChunkedBatch
 from longtrain.loss import lm_loss
-from longtrain.models.layer_stack import StackedCaches, bit_storage_dtype
+from longtrain.models.layer_stack import StackedCaches, bit_storage_dtype, in_host_memory
 from longtrain.models.registry import get_architecture
 
 SOFTMAX, LIGHTNING = "softmax", "lightning"
@@ -39,9 +39,7 @@ KV = ("k", "v")
 
 def to_device(x):
     """A slice of a host-memory buffer, moved to the device (a no-op for device arrays)."""
-    if getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host:
-        return jax.device_put(x, jax.memory.Space.Device)
-    return x
+    return jax.device_put(x, jax.memory.Space.Device) if in_host_memory(x) else x
 
 
 def cache_kinds(own_cache_shapes) -> list[str]:

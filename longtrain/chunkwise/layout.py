@@ -21,6 +21,24 @@ def num_chunks(seq_len: int, chunk_size: int) -> int:
     return max(1, -(-seq_len // chunk_size))
 
 
+def chunk_and_padded_len(seq_len: int, chunk_size: int, context: int = 1) -> tuple[int, int]:
+    """(chunk C, padded length Tp = whole chunks) of a sequence of `seq_len` tokens. With context parallelism
+    (`context` = P > 1) a chunk splits into 2P zigzag pieces: C = `chunk_size` (a multiple of 2P), or for one chunk
+    T rounded up to 2P; otherwise C = min(chunk_size, T)."""
+    check_chunk_size(chunk_size)
+    if context == 1:
+        chunk = min(chunk_size, seq_len)
+    elif chunk_size < seq_len:
+        if chunk_size % (2 * context):
+            raise ValueError(f"optim.chunk_size={chunk_size} must be a multiple of 2 x mesh.context = {2 * context} "
+                             f"for chunk-wise training across the context axis (each chunk splits into "
+                             f"{2 * context} zigzag pieces)")
+        chunk = chunk_size
+    else:
+        chunk = -(-seq_len // (2 * context)) * 2 * context
+    return chunk, num_chunks(seq_len, chunk) * chunk
+
+
 def check_chunk_size(chunk_size) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int (optim.chunk_size); got {chunk_size!r}")

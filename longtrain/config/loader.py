@@ -347,11 +347,10 @@ def check_cross_fields(config: Config, *, num_devices: int | None = None) -> Non
             f"optim.seco_offload={config.optim.seco_offload!r} offloads the chunk-wise K/V buffers; optim.mode='full' "
             "has none: set optim.mode=seco or spaco, or optim.seco_offload=none"
         )
-    if config.optim.seco_params != "zero3" and (config.optim.mode == "full" or config.mesh.context == 1):
+    if config.optim.seco_offload != "none" and m.layer_types is not None and "full_attention" not in m.layer_types:
         raise ConfigError(
-            f"optim.seco_params={config.optim.seco_params!r} says how chunk-wise training across the context axis "
-            f"holds the parameters; it needs optim.mode=seco or spaco and mesh.context > 1 (got "
-            f"optim.mode={config.optim.mode!r}, mesh.context={config.mesh.context})"
+            f"optim.seco_offload={config.optim.seco_offload!r} offloads the softmax layers' K/V buffers; "
+            f"model.layer_types has no full_attention layer (lightning states are tiny): set optim.seco_offload=none"
         )
     if m.layer_types is not None:
         allowed = ("full_attention", "linear_attention")
@@ -406,6 +405,19 @@ def check_cross_fields(config: Config, *, num_devices: int | None = None) -> Non
         if d.seq_len % axes["context"]:
             raise ConfigError(
                 f"data.seq_len={d.seq_len} must be divisible by mesh.context={axes['context']}"
+            )
+        chunkwise = config.optim.mode in ("seco", "spaco")
+        if config.optim.seco_params != "zero3" and not (chunkwise and axes["context"] > 1):
+            raise ConfigError(
+                f"optim.seco_params={config.optim.seco_params!r} says how chunk-wise training across the context "
+                f"axis holds the parameters; it needs optim.mode=seco or spaco and mesh.context > 1 (got "
+                f"optim.mode={config.optim.mode!r}, mesh.context={axes['context']})"
+            )
+        unit = 2 * axes["context"]
+        if chunkwise and unit > 2 and config.optim.chunk_size < d.seq_len and config.optim.chunk_size % unit:
+            raise ConfigError(
+                f"optim.chunk_size={config.optim.chunk_size} must be a multiple of 2 x mesh.context = {unit} for "
+                f"chunk-wise training across the context axis (each chunk splits into {unit} zigzag pieces)"
             )
         if m.num_heads % axes["tensor"]:
             raise ConfigError(

@@ -35,8 +35,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from longtrain.chunkwise.layout import chunk_and_padded_len
+from longtrain.chunkwise.layout import chunk_and_padded_len, filled_batch
+from longtrain import models, parallel
 from longtrain.models.attention_site import LocalRuntime
+from longtrain.models.layers import dtype_of
 from longtrain.parallel.layout import layout_permutation
 
 CONTEXT = "context"
@@ -56,18 +58,18 @@ class ContextChunkRuntime(LocalRuntime):
     over the `context` axis (module docstring), and ZeRO-3 parameters: every rank holds only its shard of each
     parameter (`ShardedParams`), gathered as it is used."""
 
-    def __init__(self, attention_impl, lightning_impl, lightning_block_size, params: "ShardedParams | None" = None):
+    def __init__(self, attention_impl, lightning_impl, lightning_block_size, params: "ShardedParams"):
         super().__init__(attention_impl, lightning_impl, lightning_block_size)
         self.params = params
 
     def gather_layer(self, state_l):
-        return state_l if self.params is None else self.params.gather_layer(state_l)
+        return self.params.gather_layer(state_l)
 
     def gather_outer_params(self, params):
-        return params if self.params is None else self.params.gather(params, layers=False)
+        return self.params.gather(params, layers=False)
 
     def gather_all_params(self, params):
-        return params if self.params is None else self.params.gather(params, layers=True)
+        return self.params.gather(params, layers=True)
 
     def attention(self, *args, **kwargs):
         raise ValueError("chunk-wise training across the context axis runs every chunk against its prefix "
@@ -121,8 +123,14 @@ def _gather(x, spec):
     return x
 
 
+def _spec_axes(entry) -> tuple:
+    """The mesh axis names of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def _axes_of(entry) -> tuple:
-    return tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if jax.lax.axis_size(a) > 1)
+    """The axes of a spec entry that really split (size > 1), inside the shard_map."""
+    return tuple(a for a in _spec_axes(entry) if jax.lax.axis_size(a) > 1)
 
 
 def _gather_as(x, spec, dtype):
@@ -208,7 +216,8 @@ def _from_rank0(x):
     return jax.lax.psum(jnp.where(jax.lax.axis_index(CONTEXT) == 0, x, jnp.zeros_like(x)), CONTEXT)
 
 
-def gather_index(seq_len: int, padded_len: int, chunk: int, context: int, batch_layout: str) -> np.ndarray:
+def gather_index(seq_len: int, padded_len: int, chunk: int, context: int,
+                 batch_layout: str) -> tuple[np.ndarray, np.ndarray]:
     """[Tp] index into the batch padded to Tp (sequence in `batch_layout` order, padding appended) that reorders
     it into the chunk-major layout; -> (index, global token index of every chunk-layout position)."""
     wanted = chunk_layout_permutation(padded_len, chunk, context)  # global token at each chunk-layout position
@@ -235,37 +244,31 @@ def context_parallel_chunkwise(model_config, params, batch, chunk_size: int, mes
     Pc = mesh.shape[CONTEXT]
     C, Tp = chunk_and_padded_len(T, chunk_size, Pc)
     index, token_index = gather_index(T, Tp, C, Pc, batch_layout)
-    full = {"tokens": batch["tokens"], "targets": batch["targets"], "loss_mask": batch["loss_mask"].astype(acc_dtype),
-            "positions": batch.get("positions", jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))),
-            "segment_ids": batch.get("segment_ids", jnp.ones((B, T), jnp.int32))}
+    full = filled_batch(batch, acc_dtype)
     laid = {name: jnp.pad(x, ((0, 0), (0, Tp - T)))[:, index] for name, x in full.items()}  # padding: segment 0
     laid["token_index"] = jnp.broadcast_to(jnp.asarray(token_index), (B, Tp))
     row_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     spec = P(row_axes, CONTEXT)
     laid = {name: jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
             for name, x in laid.items()}
-    from longtrain import models, parallel
-
     logical_axes = models.param_logical_axes(model_config)
     if param_specs is None:
         param_specs = jax.tree.map(lambda s: s.spec, parallel.param_shardings(params, logical_axes, mesh))
-    from longtrain.models.layers import dtype_of
-
     sharded = ShardedParams(logical_axes, param_specs, mesh, dtype_of(model_config.dtype)).register(params)
     runtime = ContextChunkRuntime(model_config.attention_impl, model_config.lightning_impl,
                                   model_config.lightning_block_size, sharded)
     reduce_axes = (*row_axes, CONTEXT)
 
     def rest_of(spec):  # the batch axes a gradient shard is not yet summed over (its gather's transpose did those)
-        done = {a for axes in spec for a in ((axes,) if isinstance(axes, str) else (axes or ()))}
+        done = {a for entry in spec for a in _spec_axes(entry)}
         return tuple(a for a in reduce_axes if a not in done)
 
     def local(p, local_batch):
         loss_sum, grads = local_grad(p, local_batch, C // Pc, runtime)
         n = jnp.sum(local_batch["loss_mask"])
-        loss_sum, n = jax.lax.psum((loss_sum, n), reduce_axes)
+        loss_sum, n = jax.lax.psum((loss_sum, n), reduce_axes)  # once per call, not per chunk
         grads = jax.tree.map(lambda g, s: jax.lax.psum(g, rest_of(s)) if rest_of(s) else g, grads, param_specs)
-        n = jnp.maximum(n, 1.0)  # one reduction per call, not per chunk
+        n = jnp.maximum(n, 1.0)
         return loss_sum / n, jax.tree.map(lambda g: g / n.astype(g.dtype), grads)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, spec), out_specs=(P(), param_specs),

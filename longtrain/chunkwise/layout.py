@@ -99,26 +99,30 @@ def chunk_batch(batch, chunk_size: int, acc_dtype, *, num_targets=None) -> Chunk
     """Validate `batch` and pad it to whole chunks of min(chunk_size, T) tokens. A "token_index" in the batch gives
     each token's global index (context parallelism: a rank's share of the sequence); else arange(T).
     `num_targets`: the loss normaliser (None: this batch's own target count)."""
-    check_chunk_size(chunk_size)
     B, T = check_batch(batch)
-    chunk = min(chunk_size, T)
-    k = num_chunks(T, chunk)
-    Tp = k * chunk
-    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    positions = batch.get("positions", index)
-    segment_ids = batch.get("segment_ids", jnp.ones((B, T), jnp.int32))
-    mask = batch["loss_mask"].astype(acc_dtype)
+    chunk, Tp = chunk_and_padded_len(T, chunk_size)
+    full = filled_batch(batch, acc_dtype)
 
     def pad(x):
         return jnp.pad(x, ((0, 0), (0, Tp - T)))
 
     return ChunkedBatch(
-        tokens=pad(batch["tokens"].astype(jnp.int32)), targets=pad(batch["targets"].astype(jnp.int32)),
-        loss_mask=pad(mask), positions=pad(positions.astype(jnp.int32)),
-        segment_ids=pad(segment_ids.astype(jnp.int32)),
+        **{name: pad(x) for name, x in full.items()},
         token_index=(pad(batch["token_index"].astype(jnp.int32)) if "token_index" in batch
                      else jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp))),
-        num_targets=global_num_targets(mask) if num_targets is None else num_targets, chunk=chunk, num_chunks=k)
+        num_targets=global_num_targets(full["loss_mask"]) if num_targets is None else num_targets, chunk=chunk,
+        num_chunks=Tp // chunk)
+
+
+def filled_batch(batch, acc_dtype) -> dict:
+    """The five [B, T] arrays of a chunk-wise batch with their defaults filled in (positions arange(T): one
+    document per row; segment ids 1: no padding), ids as int32 and the loss mask in `acc_dtype`."""
+    B, T = batch["tokens"].shape
+    return {"tokens": batch["tokens"].astype(jnp.int32), "targets": batch["targets"].astype(jnp.int32),
+            "loss_mask": batch["loss_mask"].astype(acc_dtype),
+            "positions": batch.get("positions", jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+            .astype(jnp.int32),
+            "segment_ids": batch.get("segment_ids", jnp.ones((B, T), jnp.int32)).astype(jnp.int32)}
 
 
 def global_num_targets(loss_mask_BT):

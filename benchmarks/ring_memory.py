@@ -3,8 +3,10 @@ forward+backward temp memory per device and CPU time, same shapes, same run, 8 s
 
 Both run inside a `shard_map` over a context axis of 8, causal, fp32, one sequence of N tokens split 8 ways,
 H heads of D=64 (no GQA: the peer has none). Ours: `parallel.context_attention(strategy="ring")` with its default
-kernel; the peer: `ringattention.ring_attention` with query/key chunks of 512 (its blockwise loop). Memory is XLA's
-compiled `temp_size_in_bytes` of `jax.grad` of sum(out * cotangent) w.r.t. q, k, v; time is the best of a few runs.
+kernel and blocks; the peer: `ringattention.ring_attention` at each of `--peer-chunks` query/key chunk sizes (its
+blockwise loop), and the ratios are against its best chunk size for memory and for time separately. Memory is
+XLA's compiled `temp_size_in_bytes` of `jax.grad` of sum(out * cotangent) w.r.t. q, k, v; time is the best of a
+few runs.
 
 The peer is an optional benchmark dependency, never a runtime one. Install it beside this checkout, e.g.:
     python -m venv --system-site-packages /tmp/peer && /tmp/peer/bin/pip install --no-deps ringattention==0.1.2 einops
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768])
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--peer-chunk", type=int, default=512)
+    parser.add_argument("--peer-chunks", type=int, nargs="+", default=[512, 256])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     try:
@@ -95,18 +97,27 @@ def main(argv=None) -> int:
         print(f"ring_memory.py: the peer `ringattention` is not installed ({e}); install it in a separate venv "
               "(see this file's docstring). Nothing measured.")
         return 0
+    from longtrain.kernels.attention import xla_flash
     from longtrain.parallel import make_mesh
 
     mesh = make_mesh(data=1, context=P_CTX, devices=jax.devices()[:P_CTX])
+    chunks = args.peer_chunks
     print(f"# ring attention fwd+bwd per device, {P_CTX} simulated devices, causal, fp32, H={args.heads} D={D}, "
-          f"jax {jax.__version__}")
-    print("| N | ours temp | ringattention temp | ours / peer | ours s | peer s | time ours / peer |")
-    print("|---|---|---|---|---|---|---|")
+          f"jax {jax.__version__}; ours: xla kernel, blocks (q, k) {xla_flash.DEFAULT_BLOCKS} forward, "
+          f"{xla_flash.DEFAULT_BLOCKS_BWD} backward; peer at chunk sizes {chunks}")
+    peer_cols = [f"peer temp c={c}" for c in chunks] + [f"peer s c={c}" for c in chunks]
+    cols = ["N", "ours temp"] + peer_cols[:len(chunks)] + ["ours / best peer"] + ["ours s"] + \
+        peer_cols[len(chunks):] + ["time ours / best peer"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
     for N in args.lengths:
         ours_temp, ours_s = measure(_ours(mesh), N, args.heads, mesh, args.repeats)
-        peer_temp, peer_s = measure(_peer(mesh, args.peer_chunk), N, args.heads, mesh, args.repeats)
-        print(f"| {N:,} | {ours_temp / 2**20:.1f} MiB | {peer_temp / 2**20:.1f} MiB | {ours_temp / peer_temp:.2f} | "
-              f"{ours_s:.3f} | {peer_s:.3f} | {ours_s / peer_s:.2f} |", flush=True)
+        peers = [measure(_peer(mesh, c), N, args.heads, mesh, args.repeats) for c in chunks]
+        best_temp, best_s = min(t for t, _ in peers), min(s for _, s in peers)
+        row = [f"{N:,}", f"{ours_temp / 2**20:.1f} MiB"] + [f"{t / 2**20:.1f} MiB" for t, _ in peers] + \
+            [f"{ours_temp / best_temp:.2f}", f"{ours_s:.3f}"] + [f"{s:.3f}" for _, s in peers] + \
+            [f"{ours_s / best_s:.2f}"]
+        print("| " + " | ".join(row) + " |", flush=True)
     return 0
 
 

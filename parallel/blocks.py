@@ -52,19 +52,21 @@ class Problem:
         return jnp.broadcast_to(idx[None], (batch, num_ranks * n))
 
 
-def block_fwd(pb: Problem, q, k, v, q_index, kv_index, q_seg, kv_seg):
-    """(out fp32, lse fp32) of q against one key block."""
+def block_fwd(pb: Problem, q, k, v, q_index, kv_index, q_seg, kv_seg, merge_into=None):
+    """(out fp32, lse fp32) of q against one key block; merged into the partial `merge_into` (in place on the xla
+    impl; not differentiable there) when given."""
     return kernels.attention_block(q, k, v, q_index=q_index, kv_index=kv_index, q_segment_ids=q_seg,
                                    kv_segment_ids=kv_seg, causal=pb.causal, sliding_window=pb.sliding_window,
-                                   scale=pb.scale, impl=pb.impl, **dict(pb.block_kwargs))
+                                   scale=pb.scale, impl=pb.impl, merge_into=merge_into, **dict(pb.block_kwargs))
 
 
-def block_bwd(pb: Problem, q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg):
-    """(dq, dk, dv) fp32 of one block, given the merged (global) out and lse."""
+def block_bwd(pb: Problem, q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, grads_into=None):
+    """(dq, dk, dv) fp32 of one block, given the merged (global) out and lse; added to `grads_into` (fp32 running
+    sums of the shapes of q, k, v; in place on the xla impl) when given."""
     return kernels.attention_block_bwd(q, k, v, out, lse, dout, q_index=q_index, kv_index=kv_index,
                                        q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=pb.causal,
                                        sliding_window=pb.sliding_window, scale=pb.scale, impl=pb.impl,
-                                       **dict(pb.block_kwargs))
+                                       grads_into=grads_into, **dict(pb.block_kwargs))
 
 
 def merge(acc, part):

@@ -6,8 +6,10 @@ block is computed and merged in fp32. Only P-1 sends happen: the last block is n
 
 Backward (custom VJP; residuals are q, k, v, out fp32, lse): the same rotation of K/V, plus fp32 dK/dV
 accumulators that trail one step behind their K/V (the accumulator of the block computed at step s-1 is sent at
-the top of step s, so no send waits for this step's compute) and make one final hop home. Bytes per rank per
-pass: forward 2(P-1)·n·h_kv·b (+ segment ids), backward the same for K/V plus 2·P·n·h_kv·4 for dK/dV.
+the top of step s, so no send waits for this step's compute) and make one final hop home. Each block's gradients
+are added straight into the arrived dK/dV and the running dq (`block_bwd(grads_into=)`; in place on the xla
+kernel), so no per-block gradient arrays exist beside the accumulators. Bytes per rank per pass: forward
+2(P-1)·n·h_kv·b (+ segment ids), backward the same for K/V plus 2·P·n·h_kv·4 for dK/dV.
 """
 from __future__ import annotations
 
@@ -77,9 +79,10 @@ def _ring(pb: Problem, group: int):
         B = q.shape[0]
         q_idx = indices(rank, B) if tok is None else tok
 
-        def compute(block, step):
+        def compute(block, step, acc=None):
+            # this block's partial, merged into the running (out, lse) `acc` (in place on the xla kernel)
             kb, vb, sb, _ = block
-            return block_fwd(pb, q, kb, vb, q_idx, kv_index(block, rank, step, B), seg, sb)
+            return block_fwd(pb, q, kb, vb, q_idx, kv_index(block, rank, step, B), seg, sb, merge_into=acc)
 
         block = kv_block(k, v, seg, tok)
         if P == 1:
@@ -90,11 +93,10 @@ def _ring(pb: Problem, group: int):
         def body(carry, step):
             block, acc = carry
             nxt = jax.lax.ppermute(block, ax, fwd_perm)  # issued before this step's compute
-            acc = merge(acc, compute(block, step))
-            return (nxt, acc), None
+            return (nxt, compute(block, step, acc)), None
 
         (block, acc), _ = jax.lax.scan(body, (nxt, acc), jnp.arange(1, P - 1))
-        return merge(acc, compute(block, P - 1))
+        return compute(block, P - 1, acc)
 
     def backward(inputs, out, lse, dout):
         q, k, v, seg, tok = inputs
@@ -102,30 +104,35 @@ def _ring(pb: Problem, group: int):
         B = q.shape[0]
         q_idx = indices(rank, B) if tok is None else tok
 
-        def grads(block, step):
+        def grads(block, step, into):
+            # adds this block's gradients into `into` = (dq, dK, dV) running sums (in place on the xla impl)
             kb, vb, sb, _ = block
-            return block_bwd(pb, q, kb, vb, out, lse, dout, q_idx, kv_index(block, rank, step, B), seg, sb)
+            return block_bwd(pb, q, kb, vb, out, lse, dout, q_idx, kv_index(block, rank, step, B), seg, sb,
+                             grads_into=into)
+
+        def zeros(x):
+            return jnp.zeros(x.shape, jnp.float32)
 
         block = kv_block(k, v, seg, tok)
         if P == 1:
-            dq, dk, dv = grads(block, 0)
+            dq, dk, dv = grads(block, 0, (zeros(q), zeros(k), zeros(v)))
         else:
             nxt = jax.lax.ppermute(block, ax, fwd_perm)
-            dq, dk, dv = grads(block, 0)
-            pending = (dk, dv)  # dK/dV of the block computed last step (it has already moved on)
+            dq, dk, dv = grads(block, 0, (zeros(q), zeros(k), zeros(v)))
 
             def step_body(block, pending, dq, step, send_kv):
                 nxt = jax.lax.ppermute(block, ax, fwd_perm) if send_kv else None
-                arrived = jax.lax.ppermute(pending, ax, fwd_perm)  # accumulators trail their K/V by one hop
-                dq_b, dk_b, dv_b = grads(block, step)
-                return nxt, (arrived[0] + dk_b, arrived[1] + dv_b), dq + dq_b
+                # the dK/dV sums trail their K/V by one hop: the block computed last step has already moved on
+                dk, dv = jax.lax.ppermute(pending, ax, fwd_perm)
+                dq, dk, dv = grads(block, step, (dq, dk, dv))
+                return nxt, (dk, dv), dq
 
             def body(carry, step):
                 block, pending, dq = carry
                 nxt, pending, dq = step_body(block, pending, dq, step, True)
                 return (nxt, pending, dq), None
 
-            (block, pending, dq), _ = jax.lax.scan(body, (nxt, pending, dq), jnp.arange(1, P - 1))
+            (block, pending, dq), _ = jax.lax.scan(body, (nxt, (dk, dv), dq), jnp.arange(1, P - 1))
             _, pending, dq = step_body(block, pending, dq, P - 1, False)
             dk, dv = jax.lax.ppermute(pending, ax, fwd_perm)  # last hop home
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None

@@ -88,9 +88,10 @@ def _token_ring(pb: Problem):
         def partial_of(trav, step, local):
             qt, ot, lt, dot = trav[:4]
             st = trav[4] if seg is not None else None
-            dq_p, dk_p, dv_p = block_bwd(pb, qt, k, v, ot, lt, dot, pb.indices_of_rank(owner(rank, step), B),
-                                         kv_idx, st, seg)
-            return dq_p, (local[0] + dk_p, local[1] + dv_p)  # dK/dV accumulate where K/V live
+            # dK/dV accumulate where K/V live (added in place); dq of the travelling queries goes back to them
+            dq_p, dk, dv = block_bwd(pb, qt, k, v, ot, lt, dot, pb.indices_of_rank(owner(rank, step), B), kv_idx,
+                                     st, seg, grads_into=(jnp.zeros(qt.shape, jnp.float32), *local))
+            return dq_p, (dk, dv)
 
         trav = (q, out, lse, dout) + ((seg,) if seg is not None else ())
         dq, (dk, dv) = run(trav, dq, (dk, dv), partial_of, lambda a, b: a + b)

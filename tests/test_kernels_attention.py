@@ -152,6 +152,77 @@ def test_block_api_ring_steps_merge_to_full_attention():
         assert rel_err(dk, want[3][:, r]) < 1e-4 and rel_err(dv, want[4][:, r]) < 1e-4
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_block_forward_merges_into_a_partial(impl):
+    """`merge_into`: a block's attention folded into the partial (out, lse) of other keys equals attention over
+    both key sets. The first block is in the causal future of every query, so the partial starts with no keys
+    seen (lse -inf) everywhere; 80 queries are not a multiple of the xla query block (padded rows)."""
+    rng = np.random.default_rng(12)
+    B, N, Hq, Hkv, D = 2, 160, 4, 2, 32
+    q_all, k_all, v_all, _ = random_qkv(rng, B, N, Hq, Hkv, D)
+    seg_all = make_segments("unaligned", B, N, rng)
+    q_rows, kv_blocks = np.r_[40:120], [np.r_[120:160], np.r_[0:120]]
+    gidx = lambda rows: jnp.broadcast_to(jnp.asarray(rows, jnp.int32), (B, len(rows)))
+    kw = dict(causal=True, impl=impl, **({"block_q": 32, "block_k": 64} if impl == "xla" else {}))
+
+    @jax.jit
+    def run(q, k_all, v_all):
+        part = None
+        for r in kv_blocks:
+            part = attention_block(q, k_all[:, r], v_all[:, r], q_index=gidx(q_rows), kv_index=gidx(r),
+                                   q_segment_ids=seg_all[:, q_rows], kv_segment_ids=seg_all[:, r], merge_into=part,
+                                   **kw)
+        return part
+
+    q = q_all[:, q_rows]
+    out, lse = run(q, k_all, v_all)
+    want = oracle(q, k_all, v_all, q, q_index=gidx(q_rows), kv_index=gidx(np.arange(N)), q_seg=seg_all[:, q_rows],
+                  kv_seg=seg_all, causal=True, window=None)
+    assert rel_err(out, want[0]) < 1e-5 and lse_err(lse, want[1]) < 1e-5
+    with pytest.raises(ValueError, match="merge_into's lse"):
+        attention_block(q, k_all, v_all, q_index=gidx(q_rows), kv_index=gidx(np.arange(N)),
+                        merge_into=(out, lse[:, :, :5]), **kw)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_block_bwd_adds_into_running_sums(impl):
+    """`grads_into`: two key blocks' gradients added into random running sums (dq across both blocks, dK/dV per
+    block) equal the sums plus the oracle's gradients; the xla impl also runs its backward on blocks of other
+    sizes than its forward (block_q_bwd / block_k_bwd)."""
+    rng = np.random.default_rng(11)
+    B, N, Hq, Hkv, D = 1, 160, 4, 2, 32
+    q_all, k_all, v_all, do_all = random_qkv(rng, B, N, Hq, Hkv, D)
+    q_rows, kv_blocks = np.r_[80:160], [np.r_[0:80], np.r_[80:160]]
+    gidx = lambda rows: jnp.broadcast_to(jnp.asarray(rows, jnp.int32), (B, len(rows)))
+    q, do = q_all[:, q_rows], do_all[:, q_rows]
+    kw = dict(causal=True, impl=impl)
+    if impl == "xla":
+        kw.update(block_q=32, block_k=64, block_q_bwd=16, block_k_bwd=48)
+    want = oracle(q, k_all, v_all, do, q_index=gidx(q_rows), kv_index=gidx(np.arange(N)), q_seg=np.ones((B, 80)),
+                  kv_seg=np.ones((B, N)), causal=True, window=None)
+    sums = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k_all[:, :80], v_all[:, :80])]
+
+    @jax.jit
+    def run(q, do, k_all, v_all, dq0, dk0, dv0):
+        (out_a, lse_a), (out_b, lse_b) = [attention_block(q, k_all[:, r], v_all[:, r], q_index=gidx(q_rows),
+                                                          kv_index=gidx(r), **kw) for r in kv_blocks]
+        out, lse = merge_partials(out_a, lse_a, out_b, lse_b)
+        dq, per_block = dq0, []
+        for r in kv_blocks:
+            dq, dk, dv = attention_block_bwd(q, k_all[:, r], v_all[:, r], out, lse, do, q_index=gidx(q_rows),
+                                             kv_index=gidx(r), grads_into=(dq, dk0, dv0), **kw)
+            per_block.append((dk, dv))
+        return dq, per_block
+
+    dq, per_block = run(q, do, k_all, v_all, *sums)
+    assert rel_err(dq - sums[0], want[2]) < 1e-4
+    for (dk, dv), r in zip(per_block, kv_blocks):
+        assert rel_err(dk - sums[1], want[3][:, r]) < 1e-4 and rel_err(dv - sums[2], want[4][:, r]) < 1e-4
+    with pytest.raises(ValueError, match="grads_into's dk"):
+        attention_block_bwd(q, k_all, v_all, q, jnp.zeros((B, Hq, 80)), do, q_index=gidx(q_rows),
+                            kv_index=gidx(np.arange(N)), grads_into=(sums[0], sums[1], sums[2]), **kw)
+
+
 def test_block_api_differentiable_in_out_and_lse():
     """jax.grad through attention_block(impl='xla') with cotangents on both out and lse == reference autodiff."""
     rng = np.random.default_rng(7)

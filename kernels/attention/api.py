@@ -12,7 +12,7 @@ import jax
 from longtrain.kernels.attention import reference, validate, xla_flash
 
 IMPLS = validate.IMPLS
-XLA_KWARGS = ("block_q", "block_k")
+XLA_KWARGS = ("block_q", "block_k", "block_q_bwd", "block_k_bwd")
 PALLAS_KWARGS = ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "num_warps", "num_stages", "interpret",
                  "backend")
 
@@ -72,7 +72,7 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, sc
 
 
 def _block_call(fn_name, args, q_index, kv_index, q_segment_ids, kv_segment_ids, causal, sliding_window, scale,
-                impl, block_kwargs):
+                impl, block_kwargs, xla_extra=None):
     q, k, v = args[:3]
     validate.check_block(q, k, v, q_index, kv_index, q_segment_ids, kv_segment_ids, causal, sliding_window, scale,
                          impl)
@@ -85,7 +85,7 @@ def _block_call(fn_name, args, q_index, kv_index, q_segment_ids, kv_segment_ids,
         return getattr(reference, f"{fn_name}_reference")(*args, **mask_kwargs)
     if impl == "xla":
         validate.check_block_kwargs(impl, block_kwargs, XLA_KWARGS)
-        return getattr(xla_flash, f"flash_{fn_name}")(*args, **mask_kwargs, **block_kwargs)
+        return getattr(xla_flash, f"flash_{fn_name}")(*args, **mask_kwargs, **block_kwargs, **(xla_extra or {}))
     if impl == "pallas":
         validate.check_block_kwargs(impl, block_kwargs, PALLAS_KWARGS)
         return getattr(_pallas_module(block_kwargs), fn_name)(*args, **mask_kwargs, **block_kwargs)
@@ -94,26 +94,52 @@ def _block_call(fn_name, args, q_index, kv_index, q_segment_ids, kv_segment_ids,
 
 
 def attention_block(q, k, v, *, q_index, kv_index, q_segment_ids=None, kv_segment_ids=None, causal=True,
-                    sliding_window=None, scale=None, impl="auto", **block_kwargs):
+                    sliding_window=None, scale=None, impl="auto", merge_into=None, **block_kwargs):
     """(out fp32 [B,T,Hq,D], lse fp32 [B,Hq,T]) of q against one key block; indices are global token positions.
 
-    Rows with no visible key give out 0 and lse -inf.
+    Rows with no visible key give out 0 and lse -inf. `merge_into` (optional (out fp32, lse) of the same queries
+    over other keys): returns the merge of that partial and this block's. The xla impl merges in place, block by
+    block, for callers that fold many blocks into one running pair under their own VJP (ring strategies' forward);
+    that form is not differentiable on the xla impl.
     """
-    return _block_call("attention_block", (q, k, v), q_index, kv_index, q_segment_ids, kv_segment_ids, causal,
-                       sliding_window, scale, impl, block_kwargs)
+    if merge_into is not None:
+        want = ((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), (q.shape[0], q.shape[2], q.shape[1]))
+        for name, x, shape in zip(("out", "lse"), merge_into, want):
+            if getattr(x, "shape", None) != shape:
+                raise ValueError(f"merge_into's {name} must have shape {shape}; got {getattr(x, 'shape', x)}")
+    into_here = merge_into is not None and resolve_impl(impl, splash_can_serve=False) == "xla"
+    part = _block_call("attention_block", (q, k, v), q_index, kv_index, q_segment_ids, kv_segment_ids, causal,
+                       sliding_window, scale, impl, block_kwargs,
+                       xla_extra=dict(merge_into=merge_into) if into_here else None)
+    if merge_into is None or into_here:
+        return part
+    return reference.merge_partials(merge_into[0], merge_into[1], part[0], part[1])
 
 
 def attention_block_bwd(q, k, v, out, lse, dout, *, q_index, kv_index, q_segment_ids=None, kv_segment_ids=None,
-                        causal=True, sliding_window=None, scale=None, impl="auto", **block_kwargs):
-    """(dq, dk, dv) fp32 of one block given the GLOBAL (merged) out [B,T,Hq,D] and lse [B,Hq,T]."""
+                        causal=True, sliding_window=None, scale=None, impl="auto", grads_into=None, **block_kwargs):
+    """(dq, dk, dv) fp32 of one block given the GLOBAL (merged) out [B,T,Hq,D] and lse [B,Hq,T].
+
+    `grads_into` (optional fp32 (dq, dk, dv) of the shapes of q, k, v): returns them plus this block's gradients.
+    The xla impl adds block by block into these buffers (in place inside a loop), so a caller that sums many
+    blocks, like a ring, holds one set of accumulators instead of those plus a fresh set per block."""
     if getattr(lse, "shape", None) != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(f"lse must have shape [B,Hq,T] = {(q.shape[0], q.shape[2], q.shape[1])}; got "
                          f"{getattr(lse, 'shape', lse)}")
     for name, x in (("out", out), ("dout", dout)):
         if getattr(x, "shape", None) != q.shape:
             raise ValueError(f"{name} must have the shape of q {q.shape}; got {getattr(x, 'shape', x)}")
-    return _block_call("attention_block_bwd", (q, k, v, out, lse, dout), q_index, kv_index, q_segment_ids,
-                       kv_segment_ids, causal, sliding_window, scale, impl, block_kwargs)
+    if grads_into is not None:
+        for name, g, like in zip(("dq", "dk", "dv"), grads_into, (q, k, v)):
+            if getattr(g, "shape", None) != like.shape:
+                raise ValueError(f"grads_into's {name} must have shape {like.shape}; got {getattr(g, 'shape', g)}")
+    into_here = grads_into is not None and resolve_impl(impl, splash_can_serve=False) == "xla"
+    grads = _block_call("attention_block_bwd", (q, k, v, out, lse, dout), q_index, kv_index, q_segment_ids,
+                        kv_segment_ids, causal, sliding_window, scale, impl, block_kwargs,
+                        xla_extra=dict(grads_into=grads_into) if into_here else None)
+    if grads_into is None or into_here:
+        return grads
+    return tuple(acc + g for acc, g in zip(grads_into, grads))
 
 
 __all__ = ["attention", "attention_block", "attention_block_bwd", "platform", "resolve_impl"]

@@ -18,13 +18,19 @@ from jax import lax
 
 from longtrain.kernels.attention import masks
 
-DEFAULT_BLOCK = 512  # large blocks keep loop overhead low on CPU; memory stays O(block^2 + T*D)
+# Default (query, key) block sizes, forward and backward. Small score blocks keep the memory of the backward,
+# where p, dp and ds of a block are live together, far below the q-sized arrays (H=8: a 128x256 fp32 block is
+# 1 MiB), and on CPU they also ran faster than 512x512 (benchmarks/ring_memory.py: 0.81x the time at N=8K, 8
+# devices). `block_q`/`block_k`/`block_q_bwd`/`block_k_bwd` override them.
+DEFAULT_BLOCKS = (256, 256)
+DEFAULT_BLOCKS_BWD = (128, 256)
 
 
-def _block_sizes(T, S, block_q, block_k):
-    bq = min(block_q or DEFAULT_BLOCK, masks.round_up(T, 8))
-    bk = min(block_k or DEFAULT_BLOCK, masks.round_up(S, 8))
-    return bq, bk
+def _block_sizes(T, S, block_q, block_k, block_q_bwd=None, block_k_bwd=None):
+    """(bq, bk, bq_bwd, bk_bwd): the requested or default sizes, at most the (8-rounded) lengths."""
+    cap_q, cap_k = masks.round_up(T, 8), masks.round_up(S, 8)
+    return (min(block_q or DEFAULT_BLOCKS[0], cap_q), min(block_k or DEFAULT_BLOCKS[1], cap_k),
+            min(block_q_bwd or DEFAULT_BLOCKS_BWD[0], cap_q), min(block_k_bwd or DEFAULT_BLOCKS_BWD[1], cap_k))
 
 
 def _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk):
@@ -51,16 +57,28 @@ def _block_mask(qi_idx, qi_seg, kj_idx, kj_seg, causal, sliding_window):
     return m[:, None, None]
 
 
-def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_window, scale, bq, bk):
-    """(out fp32 [B,T,Hq,D], lse fp32 [B,Hq,T])."""
+def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_window, scale, bq, bk, merge_into=None):
+    """(out fp32 [B,T,Hq,D], lse fp32 [B,Hq,T]).
+
+    `merge_into` (optional (out fp32, lse) of the same queries over other keys): the result is the merge of that
+    partial and this block's, computed by starting each query block's online softmax from it (running max = its
+    lse, sum = 1, accumulator = its out) and written over it block by block, so a ring merging P partials holds
+    one (out, lse) pair instead of the running pair, a fresh partial and their merge."""
     B, T, Hq, D = q.shape
     q5, k, v, q_index, kv_index, q_seg, kv_seg = _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk)
     Tp, Hkv, rep = q5.shape[1], q5.shape[2], q5.shape[3]
-    nq = Tp // bq
     need = _needed(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
     lo, hi = masks.needed_span(need)
+    if merge_into is None:
+        out_acc = jnp.zeros(q5.shape, jnp.float32)
+        lse_acc = jnp.full((B, Hkv, rep, Tp), -jnp.inf, jnp.float32)
+    else:  # padded query rows start with no keys seen (lse -inf)
+        out_acc = masks.pad_tokens(merge_into[0].astype(jnp.float32), Tp, 1).reshape(q5.shape)
+        lse_acc = jnp.pad(merge_into[1].astype(jnp.float32), ((0, 0), (0, 0), (0, Tp - T)),
+                          constant_values=-jnp.inf).reshape(B, Hkv, rep, Tp)
 
-    def q_block(_, i):
+    def q_block(i, accs):
+        out_acc, lse_acc = accs
         qi = lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1)
         qi_idx = lax.dynamic_slice_in_dim(q_index, i * bq, bq, axis=1)
         qi_seg = lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
@@ -83,26 +101,30 @@ def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_windo
         def maybe_attend(j, carry):
             return lax.cond(need[i, j], attend, lambda _, c: c, j, carry)
 
-        init = (jnp.full((B, Hkv, rep, bq), -jnp.inf, jnp.float32), jnp.zeros((B, Hkv, rep, bq), jnp.float32),
-                jnp.zeros((B, Hkv, rep, bq, D), jnp.float32))
+        # the online-softmax state of what is already in the accumulators: max = lse, sum = 1, acc = out
+        lse_prev = lax.dynamic_slice_in_dim(lse_acc, i * bq, bq, axis=3)              # [B, Hkv, rep, bq]
+        out_prev = lax.dynamic_slice_in_dim(out_acc, i * bq, bq, axis=1).transpose(0, 2, 3, 1, 4)
+        seen_before = jnp.isfinite(lse_prev)
+        init = (lse_prev, seen_before.astype(jnp.float32), jnp.where(seen_before[..., None], out_prev, 0.0))
         m, l, acc = lax.fori_loop(lo[i], hi[i], maybe_attend, init)
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-        return None, (out, lse)
+        return (lax.dynamic_update_slice_in_dim(out_acc, out.transpose(0, 3, 1, 2, 4), i * bq, axis=1),
+                lax.dynamic_update_slice_in_dim(lse_acc, lse, i * bq, axis=3))
 
-    _, (out, lse) = lax.scan(q_block, None, jnp.arange(nq))
-    # out [nq, B, Hkv, rep, bq, D] -> [B, T, Hq, D]; lse [nq, B, Hkv, rep, bq] -> [B, Hq, T]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, Hq, D)[:, :T]
-    lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, Hq, Tp)[:, :, :T]
-    return out, lse
+    out, lse = lax.fori_loop(0, Tp // bq, q_block, (out_acc, lse_acc))
+    return out.reshape(B, Tp, Hq, D)[:, :T], lse.reshape(B, Hq, Tp)[:, :, :T]
 
 
 def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_window, scale, bq, bk,
-              dlse=None):
+              dlse=None, grads_into=None):
     """(dq, dk, dv) fp32 given out and lse (global, i.e. over all keys) and the output cotangent.
 
     `dlse` (cotangent of lse, optional) enters as ds = p * (dp - (delta - dlse)), since d lse / d s = p.
+    `grads_into` (optional fp32 (dq, dk, dv), the shapes of q, k, v): the gradients are added into these buffers
+    block by block instead of into fresh zeros, so a caller summing many blocks (a ring's running dq and the
+    dK/dV accumulators that travel with K/V) holds one set of buffers, updated in place.
     """
     B, T, Hq, D = q.shape
     S = k.shape[1]
@@ -117,8 +139,15 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
     delta = masks.pad_tokens(delta, Tp, 2).reshape(B, Hkv, rep, Tp)
     need = _needed(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
     lo, hi = masks.needed_span(need.T)
+    if grads_into is None:
+        grads_into = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape[:1] + (S,) + k.shape[2:], jnp.float32),
+                      jnp.zeros(k.shape[:1] + (S,) + k.shape[2:], jnp.float32))
+    dq_into, dk_into, dv_into = (g.astype(jnp.float32) for g in grads_into)
+    dq_acc = masks.pad_tokens(dq_into, Tp, 1).reshape(q5.shape)
+    dk_acc, dv_acc = masks.pad_tokens(dk_into, Sp, 1), masks.pad_tokens(dv_into, Sp, 1)
 
-    def kv_block(dq_acc, j):
+    def kv_block(j, accs):
+        dq_acc, dk_acc, dv_acc = accs
         kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
         vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
         kj_idx = lax.dynamic_slice_in_dim(kv_index, j * bk, bk, axis=1)
@@ -147,24 +176,24 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
         def maybe_grad(i, carry):
             return lax.cond(need[i, j], grad_pair, lambda _, c: c, i, carry)
 
-        zeros_kv = jnp.zeros((B, bk, Hkv, D), jnp.float32)
-        dq_acc, dk, dv = lax.fori_loop(lo[j], hi[j], maybe_grad, (dq_acc, zeros_kv, zeros_kv))
-        return dq_acc, (dk, dv)
+        # this key block's dK/dV gather in a block-sized carry and go back into the full accumulators once
+        dk_j = lax.dynamic_slice_in_dim(dk_acc, j * bk, bk, axis=1)
+        dv_j = lax.dynamic_slice_in_dim(dv_acc, j * bk, bk, axis=1)
+        dq_acc, dk_j, dv_j = lax.fori_loop(lo[j], hi[j], maybe_grad, (dq_acc, dk_j, dv_j))
+        return (dq_acc, lax.dynamic_update_slice_in_dim(dk_acc, dk_j, j * bk, axis=1),
+                lax.dynamic_update_slice_in_dim(dv_acc, dv_j, j * bk, axis=1))
 
-    dq, (dk, dv) = lax.scan(kv_block, jnp.zeros(q5.shape, jnp.float32), jnp.arange(Sp // bk))
-    dq = dq.reshape(B, Tp, Hq, D)[:, :T]
-    dk = dk.transpose(1, 0, 2, 3, 4).reshape(B, Sp, Hkv, D)[:, :S]
-    dv = dv.transpose(1, 0, 2, 3, 4).reshape(B, Sp, Hkv, D)[:, :S]
-    return dq, dk, dv
+    dq, dk, dv = lax.fori_loop(0, Sp // bk, kv_block, (dq_acc, dk_acc, dv_acc))
+    return dq.reshape(B, Tp, Hq, D)[:, :T], dk[:, :S], dv[:, :S]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _flash(q, k, v, q_index, kv_index, q_seg, kv_seg, static):
-    return _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, **static._asdict())
+    return _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, **static.forward_kwargs())
 
 
 def _flash_fwd(q, k, v, q_index, kv_index, q_seg, kv_seg, static):
-    out, lse = _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, **static._asdict())
+    out, lse = _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, **static.forward_kwargs())
     return (out, lse), (q, k, v, q_index, kv_index, q_seg, kv_seg, out, lse)
 
 
@@ -172,7 +201,7 @@ def _flash_bwd(static, residuals, cotangents):
     q, k, v, q_index, kv_index, q_seg, kv_seg, out, lse = residuals
     dout, dlse = cotangents
     dq, dk, dv = _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, dlse=dlse,
-                           **static._asdict())
+                           **static.backward_kwargs())
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
@@ -180,49 +209,69 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 class _Static(tuple):
-    """Hashable static settings of one call (causal, sliding_window, scale, bq, bk)."""
-    _fields = ("causal", "sliding_window", "scale", "bq", "bk")
+    """Hashable static settings of one call: the mask, the scale, and the forward and backward block sizes."""
+    _fields = ("causal", "sliding_window", "scale", "bq", "bk", "bq_bwd", "bk_bwd")
 
     def __new__(cls, **kw):
         return super().__new__(cls, tuple(kw[f] for f in cls._fields))
 
-    def _asdict(self):
-        return dict(zip(self._fields, self))
+    def _mask_and_scale(self):
+        return dict(causal=self[0], sliding_window=self[1], scale=self[2])
+
+    def forward_kwargs(self):
+        return dict(self._mask_and_scale(), bq=self[3], bk=self[4])
+
+    def backward_kwargs(self):
+        return dict(self._mask_and_scale(), bq=self[5], bk=self[6])
 
 
-def _defaults(q, k, q_seg, kv_seg, scale, block_q, block_k):
+def _static(q, k, q_seg, kv_seg, causal, sliding_window, scale, blocks):
+    """(q_seg, kv_seg, _Static) with the defaults filled in; `blocks` = (block_q, block_k, block_q_bwd,
+    block_k_bwd), each None for its default."""
     B, T = q.shape[:2]
     S = k.shape[1]
     q_seg = jnp.ones((B, T), jnp.int32) if q_seg is None else q_seg.astype(jnp.int32)
     kv_seg = jnp.ones((B, S), jnp.int32) if kv_seg is None else kv_seg.astype(jnp.int32)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return q_seg, kv_seg, scale, _block_sizes(T, S, block_q, block_k)
+    bq, bk, bq_bwd, bk_bwd = _block_sizes(T, S, *blocks)
+    return q_seg, kv_seg, _Static(causal=bool(causal), sliding_window=sliding_window, scale=scale, bq=bq, bk=bk,
+                                  bq_bwd=bq_bwd, bk_bwd=bk_bwd)
 
 
 def flash_attention_block(q, k, v, *, q_index, kv_index, q_segment_ids=None, kv_segment_ids=None, causal=True,
-                          sliding_window=None, scale=None, block_q=None, block_k=None):
-    """(out fp32 [B,T,Hq,D], lse fp32 [B,Hq,T]) of q against keys at GLOBAL indices; differentiable in both."""
-    q_seg, kv_seg, scale, (bq, bk) = _defaults(q, k, q_segment_ids, kv_segment_ids, scale, block_q, block_k)
-    static = _Static(causal=bool(causal), sliding_window=sliding_window, scale=scale, bq=bq, bk=bk)
-    return _flash(q, k, v, q_index.astype(jnp.int32), kv_index.astype(jnp.int32), q_seg, kv_seg, static)
+                          sliding_window=None, scale=None, block_q=None, block_k=None, block_q_bwd=None,
+                          block_k_bwd=None, merge_into=None):
+    """(out fp32 [B,T,Hq,D], lse fp32 [B,Hq,T]) of q against keys at GLOBAL indices; differentiable in both.
+
+    With `merge_into` (a partial (out, lse) over other keys) it returns the merge, computed in place; that form is
+    for callers with their own VJP (the ring strategies' forward) and is not differentiable."""
+    q_seg, kv_seg, static = _static(q, k, q_segment_ids, kv_segment_ids, causal, sliding_window, scale,
+                                    (block_q, block_k, block_q_bwd, block_k_bwd))
+    q_index, kv_index = q_index.astype(jnp.int32), kv_index.astype(jnp.int32)
+    if merge_into is not None:
+        return _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, merge_into=merge_into, **static.forward_kwargs())
+    return _flash(q, k, v, q_index, kv_index, q_seg, kv_seg, static)
 
 
 def flash_attention_block_bwd(q, k, v, out, lse, dout, *, q_index, kv_index, q_segment_ids=None,
                               kv_segment_ids=None, causal=True, sliding_window=None, scale=None, block_q=None,
-                              block_k=None):
-    """(dq, dk, dv) fp32 of one key block given the GLOBAL out and lse, so per-block gradients sum exactly."""
-    q_seg, kv_seg, scale, (bq, bk) = _defaults(q, k, q_segment_ids, kv_segment_ids, scale, block_q, block_k)
+                              block_k=None, block_q_bwd=None, block_k_bwd=None, grads_into=None):
+    """(dq, dk, dv) fp32 of one key block given the GLOBAL out and lse, so per-block gradients sum exactly; added
+    to `grads_into` (fp32 (dq, dk, dv)) block by block when given."""
+    q_seg, kv_seg, static = _static(q, k, q_segment_ids, kv_segment_ids, causal, sliding_window, scale,
+                                    (block_q, block_k, block_q_bwd, block_k_bwd))
     return _backward(q, k, v, out, lse, dout, q_index.astype(jnp.int32), kv_index.astype(jnp.int32), q_seg, kv_seg,
-                     causal=bool(causal), sliding_window=sliding_window, scale=scale, bq=bq, bk=bk)
+                     grads_into=grads_into, **static.backward_kwargs())
 
 
 def flash_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, scale=None, return_lse=False,
-                    block_q=None, block_k=None):
+                    block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None):
     """Self-attention (queries bottom-right aligned to keys when T != S); out in q.dtype (, lse fp32 [B,Hq,T])."""
     B, T = q.shape[:2]
     q_index, kv_index = masks.self_attention_indices(B, T, k.shape[1])
     out, lse = flash_attention_block(q, k, v, q_index=q_index, kv_index=kv_index, q_segment_ids=segment_ids,
                                      kv_segment_ids=segment_ids, causal=causal, sliding_window=sliding_window,
-                                     scale=scale, block_q=block_q, block_k=block_k)
+                                     scale=scale, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
+                                     block_k_bwd=block_k_bwd)
     out = out.astype(q.dtype)
     return (out, lse) if return_lse else out

@@ -45,9 +45,16 @@ def _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk):
     return q5, k, v, q_index, kv_index, q_seg, kv_seg
 
 
-def _needed(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window):
-    return masks.block_pairs_needed(masks.block_ranges(q_index, q_seg, bq), masks.block_ranges(kv_index, kv_seg, bk),
+SKIP, MASKED, FULL = 0, 1, 2  # what a (query block, key block) pair needs: nothing, a mask, or no mask
+
+
+def _pair_kinds(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window):
+    """int32 [nq, nk] of SKIP / MASKED / FULL, and the needed key span (lo, hi) of every query block. Fully visible
+    pairs (every off-diagonal block of a causal ring step) run without building or applying a mask."""
+    need = masks.block_pairs_needed(masks.block_ranges(q_index, q_seg, bq), masks.block_ranges(kv_index, kv_seg, bk),
                                     causal, sliding_window)
+    full = need & masks.block_pairs_full(q_index, q_seg, kv_index, kv_seg, bq, bk, causal, sliding_window)
+    return need.astype(jnp.int32) + full.astype(jnp.int32), need
 
 
 def _block_mask(qi_idx, qi_seg, kj_idx, kj_seg, causal, sliding_window):
@@ -55,6 +62,20 @@ def _block_mask(qi_idx, qi_seg, kj_idx, kj_seg, causal, sliding_window):
     m = masks.visible(qi_idx[:, :, None], kj_idx[:, None, :], qi_seg[:, :, None], kj_seg[:, None, :], causal,
                       sliding_window)
     return m[:, None, None]
+
+
+def _row_views(B, bq, Hkv, rep, D):
+    """(to_rows, from_rows): a query block [B, bq, Hkv, rep, D] as [B, Hkv, rep*bq, D] and back. The rows of a kv
+    head are its rep query heads' tokens ((head, token) order), so one 4-D matmul per kv head serves them all and
+    the score block [B, Hkv, rep*bq, bk] has no size-1 axes for XLA to copy around."""
+
+    def to_rows(x):
+        return x.transpose(0, 2, 3, 1, 4).reshape(B, Hkv, rep * bq, D)
+
+    def from_rows(x):
+        return x.reshape(B, Hkv, rep, bq, D).transpose(0, 3, 1, 2, 4)
+
+    return to_rows, from_rows
 
 
 def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_window, scale, bq, bk, merge_into=None):
@@ -67,7 +88,7 @@ def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_windo
     B, T, Hq, D = q.shape
     q5, k, v, q_index, kv_index, q_seg, kv_seg = _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk)
     Tp, Hkv, rep = q5.shape[1], q5.shape[2], q5.shape[3]
-    need = _needed(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
+    kind, need = _pair_kinds(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
     lo, hi = masks.needed_span(need)
     if merge_into is None:
         out_acc = jnp.zeros(q5.shape, jnp.float32)
@@ -77,41 +98,47 @@ def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_windo
         lse_acc = jnp.pad(merge_into[1].astype(jnp.float32), ((0, 0), (0, 0), (0, Tp - T)),
                           constant_values=-jnp.inf).reshape(B, Hkv, rep, Tp)
 
+    rows = rep * bq
+    to_rows, from_rows = _row_views(B, bq, Hkv, rep, D)
+
     def q_block(i, accs):
         out_acc, lse_acc = accs
-        qi = lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1)
+        qi = to_rows(lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1))
         qi_idx = lax.dynamic_slice_in_dim(q_index, i * bq, bq, axis=1)
         qi_seg = lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
 
-        def attend(j, carry):
-            m, l, acc = carry
+        def attend(masked, j, carry):
+            m, l, acc = carry                                       # [B,Hkv,rows], [B,Hkv,rows], [B,Hkv,rows,D]
             kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
             vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
-            mask = _block_mask(qi_idx, qi_seg, lax.dynamic_slice_in_dim(kv_index, j * bk, bk, axis=1),
-                               lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1), causal, sliding_window)
-            s = jnp.einsum("bqgrd,bkgd->bgrqk", qi, kj, preferred_element_type=jnp.float32) * scale
-            s = jnp.where(mask, s, -jnp.inf)
+            s = jnp.einsum("bgqd,bkgd->bgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+            if masked:
+                mask = _block_mask(qi_idx, qi_seg, lax.dynamic_slice_in_dim(kv_index, j * bk, bk, axis=1),
+                                   lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1), causal, sliding_window)
+                s = jnp.where(mask, s.reshape(B, Hkv, rep, bq, bk), -jnp.inf).reshape(s.shape)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked so far: keep exp() at 0, not NaN
             alpha = jnp.exp(m - m_safe)
             p = jnp.exp(s - m_safe[..., None])
-            pv = jnp.einsum("bgrqk,bkgd->bgrqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bgqk,bkgd->bgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
         def maybe_attend(j, carry):
-            return lax.cond(need[i, j], attend, lambda _, c: c, j, carry)
+            return lax.switch(kind[i, j], branches, j, carry)
+
+        branches = (lambda _, c: c, functools.partial(attend, True), functools.partial(attend, False))
 
         # the online-softmax state of what is already in the accumulators: max = lse, sum = 1, acc = out
-        lse_prev = lax.dynamic_slice_in_dim(lse_acc, i * bq, bq, axis=3)              # [B, Hkv, rep, bq]
-        out_prev = lax.dynamic_slice_in_dim(out_acc, i * bq, bq, axis=1).transpose(0, 2, 3, 1, 4)
+        lse_prev = lax.dynamic_slice_in_dim(lse_acc, i * bq, bq, axis=3).reshape(B, Hkv, rows)
+        out_prev = to_rows(lax.dynamic_slice_in_dim(out_acc, i * bq, bq, axis=1))
         seen_before = jnp.isfinite(lse_prev)
         init = (lse_prev, seen_before.astype(jnp.float32), jnp.where(seen_before[..., None], out_prev, 0.0))
         m, l, acc = lax.fori_loop(lo[i], hi[i], maybe_attend, init)
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-        return (lax.dynamic_update_slice_in_dim(out_acc, out.transpose(0, 3, 1, 2, 4), i * bq, axis=1),
-                lax.dynamic_update_slice_in_dim(lse_acc, lse, i * bq, axis=3))
+        return (lax.dynamic_update_slice_in_dim(out_acc, from_rows(out), i * bq, axis=1),
+                lax.dynamic_update_slice_in_dim(lse_acc, lse.reshape(B, Hkv, rep, bq), i * bq, axis=3))
 
     out, lse = lax.fori_loop(0, Tp // bq, q_block, (out_acc, lse_acc))
     return out.reshape(B, Tp, Hq, D)[:, :T], lse.reshape(B, Hq, Tp)[:, :, :T]
@@ -137,7 +164,7 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
     # rows without keys have lse -inf: give them +inf so exp(s - lse) = 0 instead of NaN
     lse = masks.pad_tokens(jnp.where(jnp.isfinite(lse), lse, jnp.inf), Tp, 2).reshape(B, Hkv, rep, Tp)
     delta = masks.pad_tokens(delta, Tp, 2).reshape(B, Hkv, rep, Tp)
-    need = _needed(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
+    kind, need = _pair_kinds(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
     lo, hi = masks.needed_span(need.T)
     if grads_into is None:
         grads_into = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape[:1] + (S,) + k.shape[2:], jnp.float32),
@@ -146,6 +173,9 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
     dq_acc = masks.pad_tokens(dq_into, Tp, 1).reshape(q5.shape)
     dk_acc, dv_acc = masks.pad_tokens(dk_into, Sp, 1), masks.pad_tokens(dv_into, Sp, 1)
 
+    rows = rep * bq
+    to_rows, from_rows = _row_views(B, bq, Hkv, rep, D)
+
     def kv_block(j, accs):
         dq_acc, dk_acc, dv_acc = accs
         kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
@@ -153,28 +183,39 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
         kj_idx = lax.dynamic_slice_in_dim(kv_index, j * bk, bk, axis=1)
         kj_seg = lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1)
 
-        def grad_pair(i, carry):
-            dq_acc, dk, dv = carry
-            qi = lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1)
-            doi = lax.dynamic_slice_in_dim(do5, i * bq, bq, axis=1)
-            lse_i = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
-            delta_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-            mask = _block_mask(lax.dynamic_slice_in_dim(q_index, i * bq, bq, axis=1),
-                               lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1), kj_idx, kj_seg, causal,
-                               sliding_window)
-            s = jnp.einsum("bqgrd,bkgd->bgrqk", qi, kj, preferred_element_type=jnp.float32) * scale
-            p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-            dv = dv + jnp.einsum("bgrqk,bqgrd->bkgd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqgrd,bkgd->bgrqk", doi, vj, preferred_element_type=jnp.float32)
+        def grad_pair(masked, i, dk, dv):
+            """(dq of query block i, dK, dV + this pair's); rows = (query head, token) per kv head, as forward."""
+            qi = to_rows(lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1))
+            doi = to_rows(lax.dynamic_slice_in_dim(do5, i * bq, bq, axis=1))
+            lse_i = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3).reshape(B, Hkv, rows)
+            delta_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3).reshape(B, Hkv, rows)
+            s = jnp.einsum("bgqd,bkgd->bgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+            p = jnp.exp(s - lse_i[..., None])
+            if masked:
+                mask = _block_mask(lax.dynamic_slice_in_dim(q_index, i * bq, bq, axis=1),
+                                   lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1), kj_idx, kj_seg, causal,
+                                   sliding_window)
+                p = jnp.where(mask, p.reshape(B, Hkv, rep, bq, bk), 0.0).reshape(p.shape)
+            dv = dv + jnp.einsum("bgqk,bgqd->bkgd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bgqd,bkgd->bgqk", doi, vj, preferred_element_type=jnp.float32)
             ds = p * (dp - delta_i[..., None]) * scale
-            dk = dk + jnp.einsum("bgrqk,bqgrd->bkgd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
-            dq_i = jnp.einsum("bgrqk,bkgd->bqgrd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("bgqk,bgqd->bkgd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+            dq_i = jnp.einsum("bgqk,bkgd->bgqd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
+            return from_rows(dq_i), dk, dv
+
+        def skip(i, dk, dv):
+            return jnp.zeros((B, bq, Hkv, rep, D), jnp.float32), dk, dv
+
+        branches = (skip, functools.partial(grad_pair, True), functools.partial(grad_pair, False))
+
+        def maybe_grad(i, carry):
+            # the branches return block-sized values only; dq's full buffer is updated out here, in place (a
+            # branch that wrote it would make XLA copy the whole buffer at every block pair)
+            dq_acc, dk, dv = carry
+            dq_i, dk, dv = lax.switch(kind[i, j], branches, i, dk, dv)
             dq_acc = lax.dynamic_update_slice_in_dim(
                 dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=1) + dq_i, i * bq, axis=1)
             return dq_acc, dk, dv
-
-        def maybe_grad(i, carry):
-            return lax.cond(need[i, j], grad_pair, lambda _, c: c, i, carry)
 
         # this key block's dK/dV gather in a block-sized carry and go back into the full accumulators once
         dk_j = lax.dynamic_slice_in_dim(dk_acc, j * bk, bk, axis=1)

@@ -34,15 +34,15 @@ def _block_sizes(T, S, block_q, block_k, block_q_bwd=None, block_k_bwd=None):
 
 
 def _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk):
-    """Pad tokens to block multiples and view q as [B, Tp, Hkv, rep, D]; padding gets segment 0."""
-    B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    """Pad tokens to block multiples; padding gets segment 0. Arrays stay [B, T, H, D]: a query block is viewed per
+    kv head only once sliced (`_row_views`), so no full-size array is ever re-laid out."""
+    T, S = q.shape[1], k.shape[1]
     Tp, Sp = masks.round_up(T, bq), masks.round_up(S, bk)
-    q5 = masks.pad_tokens(q, Tp, 1).reshape(B, Tp, Hkv, Hq // Hkv, D)
+    q = masks.pad_tokens(q, Tp, 1)
     k, v = masks.pad_tokens(k, Sp, 1), masks.pad_tokens(v, Sp, 1)
     q_index, kv_index = masks.pad_tokens(q_index, Tp, 1, "edge"), masks.pad_tokens(kv_index, Sp, 1, "edge")
     q_seg, kv_seg = masks.pad_tokens(q_seg, Tp, 1), masks.pad_tokens(kv_seg, Sp, 1)
-    return q5, k, v, q_index, kv_index, q_seg, kv_seg
+    return q, k, v, q_index, kv_index, q_seg, kv_seg
 
 
 SKIP, MASKED, FULL = 0, 1, 2  # what a (query block, key block) pair needs: nothing, a mask, or no mask
@@ -65,15 +65,16 @@ def _block_mask(qi_idx, qi_seg, kj_idx, kj_seg, causal, sliding_window):
 
 
 def _row_views(B, bq, Hkv, rep, D):
-    """(to_rows, from_rows): a query block [B, bq, Hkv, rep, D] as [B, Hkv, rep*bq, D] and back. The rows of a kv
-    head are its rep query heads' tokens ((head, token) order), so one 4-D matmul per kv head serves them all and
-    the score block [B, Hkv, rep*bq, bk] has no size-1 axes for XLA to copy around."""
+    """(to_rows, from_rows): a query block [B, bq, Hq, D] as [B, Hkv, rep*bq, D] and back. The rows of a kv head
+    are its rep query heads' tokens ((head, token) order, as a [B, Hq, bq] row statistic reshapes), so one 4-D
+    matmul per kv head serves them all and the score block [B, Hkv, rep*bq, bk] has no size-1 axes for XLA to
+    copy around."""
 
     def to_rows(x):
-        return x.transpose(0, 2, 3, 1, 4).reshape(B, Hkv, rep * bq, D)
+        return x.reshape(B, bq, Hkv, rep, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, rep * bq, D)
 
     def from_rows(x):
-        return x.reshape(B, Hkv, rep, bq, D).transpose(0, 3, 1, 2, 4)
+        return x.reshape(B, Hkv, rep, bq, D).transpose(0, 3, 1, 2, 4).reshape(B, bq, Hkv * rep, D)
 
     return to_rows, from_rows
 
@@ -86,24 +87,25 @@ def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_windo
     lse, sum = 1, accumulator = its out) and written over it block by block, so a ring merging P partials holds
     one (out, lse) pair instead of the running pair, a fresh partial and their merge."""
     B, T, Hq, D = q.shape
-    q5, k, v, q_index, kv_index, q_seg, kv_seg = _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk)
-    Tp, Hkv, rep = q5.shape[1], q5.shape[2], q5.shape[3]
+    Hkv = k.shape[2]
+    rep = Hq // Hkv
+    q, k, v, q_index, kv_index, q_seg, kv_seg = _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk)
+    Tp = q.shape[1]
     kind, need = _pair_kinds(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
     lo, hi = masks.needed_span(need)
     if merge_into is None:
-        out_acc = jnp.zeros(q5.shape, jnp.float32)
-        lse_acc = jnp.full((B, Hkv, rep, Tp), -jnp.inf, jnp.float32)
+        out_acc = jnp.zeros(q.shape, jnp.float32)
+        lse_acc = jnp.full((B, Hq, Tp), -jnp.inf, jnp.float32)
     else:  # padded query rows start with no keys seen (lse -inf)
-        out_acc = masks.pad_tokens(merge_into[0].astype(jnp.float32), Tp, 1).reshape(q5.shape)
+        out_acc = masks.pad_tokens(merge_into[0].astype(jnp.float32), Tp, 1)
         lse_acc = jnp.pad(merge_into[1].astype(jnp.float32), ((0, 0), (0, 0), (0, Tp - T)),
-                          constant_values=-jnp.inf).reshape(B, Hkv, rep, Tp)
-
+                          constant_values=-jnp.inf)
     rows = rep * bq
     to_rows, from_rows = _row_views(B, bq, Hkv, rep, D)
 
     def q_block(i, accs):
         out_acc, lse_acc = accs
-        qi = to_rows(lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1))
+        qi = to_rows(lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1))
         qi_idx = lax.dynamic_slice_in_dim(q_index, i * bq, bq, axis=1)
         qi_seg = lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
 
@@ -129,7 +131,7 @@ def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_windo
         branches = (lambda _, c: c, functools.partial(attend, True), functools.partial(attend, False))
 
         # the online-softmax state of what is already in the accumulators: max = lse, sum = 1, acc = out
-        lse_prev = lax.dynamic_slice_in_dim(lse_acc, i * bq, bq, axis=3).reshape(B, Hkv, rows)
+        lse_prev = lax.dynamic_slice_in_dim(lse_acc, i * bq, bq, axis=2).reshape(B, Hkv, rows)
         out_prev = to_rows(lax.dynamic_slice_in_dim(out_acc, i * bq, bq, axis=1))
         seen_before = jnp.isfinite(lse_prev)
         init = (lse_prev, seen_before.astype(jnp.float32), jnp.where(seen_before[..., None], out_prev, 0.0))
@@ -138,10 +140,10 @@ def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_windo
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
         return (lax.dynamic_update_slice_in_dim(out_acc, from_rows(out), i * bq, axis=1),
-                lax.dynamic_update_slice_in_dim(lse_acc, lse.reshape(B, Hkv, rep, bq), i * bq, axis=3))
+                lax.dynamic_update_slice_in_dim(lse_acc, lse.reshape(B, Hq, bq), i * bq, axis=2))
 
     out, lse = lax.fori_loop(0, Tp // bq, q_block, (out_acc, lse_acc))
-    return out.reshape(B, Tp, Hq, D)[:, :T], lse.reshape(B, Hq, Tp)[:, :, :T]
+    return out[:, :T], lse[:, :, :T]
 
 
 def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_window, scale, bq, bk,
@@ -158,21 +160,21 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
     if dlse is not None:
         delta = delta - dlse.astype(jnp.float32)
-    q5, k, v, q_index, kv_index, q_seg, kv_seg = _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk)
-    Tp, Sp, Hkv, rep = q5.shape[1], k.shape[1], q5.shape[2], q5.shape[3]
-    do5 = masks.pad_tokens(dout.astype(q.dtype), Tp, 1).reshape(B, Tp, Hkv, rep, D)
+    Hkv = k.shape[2]
+    rep = Hq // Hkv
+    q, k, v, q_index, kv_index, q_seg, kv_seg = _prepare(q, k, v, q_index, kv_index, q_seg, kv_seg, bq, bk)
+    Tp, Sp = q.shape[1], k.shape[1]
+    do = masks.pad_tokens(dout.astype(q.dtype), Tp, 1)
     # rows without keys have lse -inf: give them +inf so exp(s - lse) = 0 instead of NaN
-    lse = masks.pad_tokens(jnp.where(jnp.isfinite(lse), lse, jnp.inf), Tp, 2).reshape(B, Hkv, rep, Tp)
-    delta = masks.pad_tokens(delta, Tp, 2).reshape(B, Hkv, rep, Tp)
+    lse = masks.pad_tokens(jnp.where(jnp.isfinite(lse), lse, jnp.inf), Tp, 2)
+    delta = masks.pad_tokens(delta, Tp, 2)
     kind, need = _pair_kinds(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window)
     lo, hi = masks.needed_span(need.T)
     if grads_into is None:
-        grads_into = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape[:1] + (S,) + k.shape[2:], jnp.float32),
-                      jnp.zeros(k.shape[:1] + (S,) + k.shape[2:], jnp.float32))
-    dq_into, dk_into, dv_into = (g.astype(jnp.float32) for g in grads_into)
-    dq_acc = masks.pad_tokens(dq_into, Tp, 1).reshape(q5.shape)
-    dk_acc, dv_acc = masks.pad_tokens(dk_into, Sp, 1), masks.pad_tokens(dv_into, Sp, 1)
-
+        grads_into = (jnp.zeros(dout.shape, jnp.float32), jnp.zeros((B, S) + k.shape[2:], jnp.float32),
+                      jnp.zeros((B, S) + k.shape[2:], jnp.float32))
+    dq_acc, dk_acc, dv_acc = (masks.pad_tokens(g.astype(jnp.float32), n, 1)
+                              for g, n in zip(grads_into, (Tp, Sp, Sp)))
     rows = rep * bq
     to_rows, from_rows = _row_views(B, bq, Hkv, rep, D)
 
@@ -185,10 +187,10 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
 
         def grad_pair(masked, i, dk, dv):
             """(dq of query block i, dK, dV + this pair's); rows = (query head, token) per kv head, as forward."""
-            qi = to_rows(lax.dynamic_slice_in_dim(q5, i * bq, bq, axis=1))
-            doi = to_rows(lax.dynamic_slice_in_dim(do5, i * bq, bq, axis=1))
-            lse_i = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3).reshape(B, Hkv, rows)
-            delta_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3).reshape(B, Hkv, rows)
+            qi = to_rows(lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1))
+            doi = to_rows(lax.dynamic_slice_in_dim(do, i * bq, bq, axis=1))
+            lse_i = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=2).reshape(B, Hkv, rows)
+            delta_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2).reshape(B, Hkv, rows)
             s = jnp.einsum("bgqd,bkgd->bgqk", qi, kj, preferred_element_type=jnp.float32) * scale
             p = jnp.exp(s - lse_i[..., None])
             if masked:
@@ -204,7 +206,7 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
             return from_rows(dq_i), dk, dv
 
         def skip(i, dk, dv):
-            return jnp.zeros((B, bq, Hkv, rep, D), jnp.float32), dk, dv
+            return jnp.zeros((B, bq, Hq, D), jnp.float32), dk, dv
 
         branches = (skip, functools.partial(grad_pair, True), functools.partial(grad_pair, False))
 
@@ -225,7 +227,7 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
                 lax.dynamic_update_slice_in_dim(dv_acc, dv_j, j * bk, axis=1))
 
     dq, dk, dv = lax.fori_loop(0, Sp // bk, kv_block, (dq_acc, dk_acc, dv_acc))
-    return dq.reshape(B, Tp, Hq, D)[:, :T], dk[:, :S], dv[:, :S]
+    return dq[:, :T], dk[:, :S], dv[:, :S]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

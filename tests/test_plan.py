@@ -170,3 +170,31 @@ def test_plan_at_64_devices_has_no_involuntary_rematerialization():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "XLA partitioner: no involuntary full rematerializations" in r.stdout
     assert "Involuntary full rematerialization" not in r.stderr
+
+
+def test_plan_says_which_all_reduce_bytes_are_a_reduce_scatter_on_gpu():
+    """XLA:CPU reduces an FSDP-sharded gradient as an all-reduce whose one user is a dynamic-slice; XLA:GPU
+    rewrites that into a reduce-scatter. With the smoke model FSDP over 8 devices, `plan` finds exactly one such
+    all-reduce per sharded layer and final-norm parameter (2 x 7/8 of its fp32 size each, from the parameter
+    shardings), prints it, and what the step sends on GPU."""
+    import io
+
+    import jax
+
+    from longtrain.commands.plan import plan, print_report
+    from longtrain.config import load_config
+    from longtrain.train.program import build_program
+    from longtrain.train.setup import build_session
+
+    config = load_config(os.path.join(REPO, "configs", "smoke_cpu.yaml"),
+                         ["mesh.fsdp=8", "mesh.data=1", "mesh.context=1"], num_devices=8)
+    report = plan(config)
+    params = build_program(config, build_session(config, with_data=False)).abstract_state["params"]
+    want = sum(2 * 7 / 8 * leaf.size * leaf.dtype.itemsize
+               for key in ("layers", "final_norm") for leaf in jax.tree.leaves(params[key])
+               if any(axis is not None for axis in leaf.sharding.spec))
+    assert want > 0 and report["all_reduce_scattered"] == pytest.approx(want, rel=1e-9)
+    assert report["all_reduce_scattered"] <= report["collectives"]["all-reduce"]
+    out = io.StringIO()
+    print_report(config, report, out=out)
+    assert "XLA:GPU rewrites that into a reduce-scatter" in out.getvalue()

@@ -81,13 +81,15 @@ def plan(config, explain: int = 0) -> dict:
         return _plan_balanced(config, session, program, t0)
     lowered = program.fused_step.lower(program.abstract_state, session.abstract_batch())
     peak = None
-    with capture_compile_warnings() as warnings:  # XLA's partitioner warns on fd 2; count what it says
-        if explain:  # the same compile, with XLA's dump on: its buffer assignment says what fills temp memory
-            with tempfile.TemporaryDirectory(prefix="longtrain_plan_") as dump:
-                compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
-                peak = peak_from_dump(dump, module="step_fn", top=explain, repo_root=REPO_ROOT)
-        else:
-            compiled = lowered.compile()
+    # one compile, with XLA's dump of the HLO around two passes: SPMD partitioning (to find the all-reduces that
+    # XLA:GPU makes reduce-scatters) and XLA:CPU's all-reduce combiner (the same all-reduces, uncombined, in the
+    # final loop structure); with --explain, also the buffer assignment, which says what fills temp memory
+    options = {"xla_dump_hlo_pass_re": f"{SPMD_PASS}|{CPU_COMBINER_PASS}", "xla_dump_hlo_as_text": True}
+    with capture_compile_warnings() as warnings, tempfile.TemporaryDirectory(prefix="longtrain_plan_") as dump:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump, **options})
+        if explain:
+            peak = peak_from_dump(dump, module="step_fn", top=explain, repo_root=REPO_ROOT)
+        scattered = scattered_all_reduce_bytes(dump, "step_fn", jax.device_count())
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     params = per_device_bytes(program.abstract_state["params"])
@@ -113,10 +115,32 @@ def plan(config, explain: int = 0) -> dict:
         "total": args + max(outs - alias, 0) + temp - host,
         "host": host,
         "collectives": bytes_per_collective(compiled.as_text(), jax.device_count()),
+        "all_reduce_scattered": scattered,
         "compile_s": compile_s,
         "peak": peak,
         "involuntary_rematerializations": len(warnings.involuntary_rematerializations),
     }
+
+
+SPMD_PASS, CPU_COMBINER_PASS = "spmd-partitioning", "cpu-all-reduce-combiner"
+
+
+def scattered_all_reduce_bytes(dump_dir: str, module: str, num_devices: int) -> float | None:
+    """All-reduce bytes per device (as counted on this machine) that are an all-reduce + dynamic-slice, i.e. a
+    reduce-scatter on GPU; None where the dump lacks the two modules (a compile that is not XLA:CPU's)."""
+    import glob
+
+    from longtrain.parallel.hlo_comm import SCATTERED_ALL_REDUCE, collective_bytes, reduce_scatter_candidates
+
+    def dumped(pattern):
+        found = sorted(glob.glob(os.path.join(dump_dir, f"*{module}*{pattern}*.txt")), key=os.path.getsize)
+        return open(found[-1]).read() if found else None
+
+    partitioned, uncombined = dumped(f"after_{SPMD_PASS}"), dumped(f"before_{CPU_COMBINER_PASS}")
+    if partitioned is None or uncombined is None:
+        return None
+    counts = collective_bytes(uncombined, num_devices, scattered=reduce_scatter_candidates(partitioned))
+    return float(counts.get(SCATTERED_ALL_REDUCE, 0.0))
 
 
 def _plan_balanced(config, session, program, t0) -> dict:
@@ -159,6 +183,7 @@ def _plan_balanced(config, session, program, t0) -> dict:
         "outputs_not_aliased": max(m_outs, u_outs),
         "total": max(during_micro, during_update),
         "collectives": comm,
+        "all_reduce_scattered": None,
         "compile_s": compile_s,
         "peak": None,
         "involuntary_rematerializations": len(warnings.involuntary_rematerializations),
@@ -208,7 +233,13 @@ def print_report(config, report: dict, out=sys.stdout) -> None:
     print("communication per " + ("micro-batch" if balance else "step") + ", bytes sent per device:", file=out)
     for op, n in report["collectives"].items():
         print(f"  {op:<22}{fmt_bytes(n):>14}", file=out)
-    print(f"  {'total':<22}{fmt_bytes(sum(report['collectives'].values())):>14}", file=out)
+    total = sum(report["collectives"].values())
+    print(f"  {'total':<22}{fmt_bytes(total):>14}", file=out)
+    scattered = report.get("all_reduce_scattered")
+    if scattered:
+        print(f"  of the all-reduce, {fmt_bytes(scattered)} is an all-reduce + dynamic-slice (a sharded gradient's "
+              "reduction, as XLA:CPU lowers it); XLA:GPU rewrites that into a reduce-scatter, which sends "
+              f"{fmt_bytes(scattered / 2)}: about {fmt_bytes(total - scattered / 2)} in all on GPU", file=out)
     remats = report.get("involuntary_rematerializations", 0)
     print(f"XLA partitioner: {remats or 'no'} involuntary full rematerialization{'s' if remats != 1 else ''}"
           + (" (a tensor replicated on every device, then re-partitioned: see XLA's warnings above)" if remats

@@ -146,10 +146,11 @@ def test_step_memory_flat_in_P(strategy, smaller_P, ratio):
 
 
 def test_ring_memory_in_q_sized_arrays():
-    """Ring attention's forward+backward with the default (xla) kernel holds about 13 fp32 arrays the size of
-    the local q at its peak (P = 8, 1024 tokens per rank): K/V and their send-ahead copies, the trailing dK/dV,
-    dq, out, and the block scores are small. Before blocks merged into the running (out, lse) and added into the
-    running gradients in place it was 37.6 (benchmarks/ring_memory.py compares it with RingAttention's code)."""
+    """Ring attention's forward+backward with the default (xla) kernel compiles to about 10 fp32 arrays the size
+    of the local q of temp memory (P = 8, 1024 tokens per rank): K/V and their send-ahead copies, the trailing
+    dK/dV, dq, out; the block scores are small. It was 37.6 before blocks merged into the running (out, lse) and
+    added into the running gradients in place, with smaller blocks and no re-laid-out copies of q and dout
+    (benchmarks/ring_memory.py compares it with RingAttention's code)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -167,7 +168,7 @@ def test_ring_memory_in_q_sized_arrays():
         return vjp(dout)
 
     temp = jax.jit(step).lower(q, q, q, q).compile().memory_analysis().temp_size_in_bytes
-    assert temp <= 16 * (n * H * D * 4), temp / (n * H * D * 4)
+    assert temp <= 11 * (n * H * D * 4), temp / (n * H * D * 4)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longtrain.parallel.blocks import (Problem, block_bwd, block_fwd, local_attention_vjp, merge, ring_perm,
+from longtrain.parallel.blocks import (Problem, block_bwd, block_fwd, local_attention_vjp, ring_perm,
                                       saving_out_lse)
 
 
@@ -104,21 +104,18 @@ def _ring(pb: Problem, group: int):
         B = q.shape[0]
         q_idx = indices(rank, B) if tok is None else tok
 
-        def grads(block, step, into):
+        def grads(block, step, into=None):
             # adds this block's gradients into `into` = (dq, dK, dV) running sums (in place on the xla impl)
             kb, vb, sb, _ = block
             return block_bwd(pb, q, kb, vb, out, lse, dout, q_idx, kv_index(block, rank, step, B), seg, sb,
                              grads_into=into)
 
-        def zeros(x):
-            return jnp.zeros(x.shape, jnp.float32)
-
         block = kv_block(k, v, seg, tok)
         if P == 1:
-            dq, dk, dv = grads(block, 0, (zeros(q), zeros(k), zeros(v)))
+            dq, dk, dv = grads(block, 0)
         else:
             nxt = jax.lax.ppermute(block, ax, fwd_perm)
-            dq, dk, dv = grads(block, 0, (zeros(q), zeros(k), zeros(v)))
+            dq, dk, dv = grads(block, 0)
 
             def step_body(block, pending, dq, step, send_kv):
                 nxt = jax.lax.ppermute(block, ax, fwd_perm) if send_kv else None

@@ -52,18 +52,19 @@ def block_pairs_needed(q_ranges, kv_ranges, causal, sliding_window, per_batch=Fa
     return need if per_batch else jnp.any(need, axis=0)
 
 
-def block_pairs_full(q_index, q_seg, kv_index, kv_seg, bq, bk, causal, sliding_window):
+def block_padded(seg_BN, block):
+    """[B, N // block]: True where the block holds a padding token (segment 0)."""
+    B, N = seg_BN.shape
+    return jnp.any(seg_BN.reshape(B, N // block, block) == 0, axis=-1)
+
+
+def block_pairs_full(q_ranges, kv_ranges, q_padded, kv_padded, causal, sliding_window):
     """Boolean [nq, nk]: True where EVERY (query, key) entry of the block pair is visible in every batch row (one
     document and no padding on both sides, keys inside the causal / window bounds of every query), so a kernel
-    can leave out the mask there. [B,T] / [B,S] inputs, T and S multiples of bq and bk."""
-    def ranges(index, seg, block):
-        B, N = index.shape
-        idx, sg = index.reshape(B, N // block, block), seg.reshape(B, N // block, block)
-        return idx.min(-1), idx.max(-1), sg.min(-1), sg.max(-1)
-
-    qi_lo, qi_hi, qs_lo, qs_hi = (r[:, :, None] for r in ranges(q_index, q_seg, bq))
-    ki_lo, ki_hi, ks_lo, ks_hi = (r[:, None, :] for r in ranges(kv_index, kv_seg, bk))
-    full = (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo) & (qs_lo != 0)
+    can leave out the mask there. Ranges from `block_ranges`, padding from `block_padded`."""
+    qi_lo, qi_hi, qs_lo, qs_hi = (r[:, :, None] for r in q_ranges)
+    ki_lo, ki_hi, ks_lo, ks_hi = (r[:, None, :] for r in kv_ranges)
+    full = (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo) & ~q_padded[:, :, None] & ~kv_padded[:, None, :]
     if causal:
         full &= ki_hi <= qi_lo
     if sliding_window is not None:

@@ -20,8 +20,9 @@ from longtrain.kernels.attention import masks
 
 # Default (query, key) block sizes, forward and backward. Small score blocks keep the memory of the backward,
 # where p, dp and ds of a block are live together, far below the q-sized arrays (H=8: a 128x256 fp32 block is
-# 1 MiB), and on CPU they also ran faster than 512x512 (benchmarks/ring_memory.py: 0.81x the time at N=8K, 8
-# devices). `block_q`/`block_k`/`block_q_bwd`/`block_k_bwd` override them.
+# 1 MiB), and on CPU they also ran faster than 512x512 (benchmarks/ring_memory.py shapes, N=8K on 8 simulated
+# devices, when they were chosen: 2.05 s against 2.83 s). `block_q`/`block_k`/`block_q_bwd`/`block_k_bwd`
+# override them.
 DEFAULT_BLOCKS = (256, 256)
 DEFAULT_BLOCKS_BWD = (128, 256)
 
@@ -49,12 +50,13 @@ SKIP, MASKED, FULL = 0, 1, 2  # what a (query block, key block) pair needs: noth
 
 
 def _pair_kinds(q_index, kv_index, q_seg, kv_seg, bq, bk, causal, sliding_window):
-    """int32 [nq, nk] of SKIP / MASKED / FULL, and the needed key span (lo, hi) of every query block. Fully visible
-    pairs (every off-diagonal block of a causal ring step) run without building or applying a mask."""
-    need = masks.block_pairs_needed(masks.block_ranges(q_index, q_seg, bq), masks.block_ranges(kv_index, kv_seg, bk),
-                                    causal, sliding_window)
-    full = need & masks.block_pairs_full(q_index, q_seg, kv_index, kv_seg, bq, bk, causal, sliding_window)
-    return need.astype(jnp.int32) + full.astype(jnp.int32), need
+    """(int32 [nq, nk] of SKIP / MASKED / FULL, boolean [nq, nk] needed). Fully visible pairs (every off-diagonal
+    block of a causal ring step) run without building or applying a mask."""
+    q_ranges, kv_ranges = masks.block_ranges(q_index, q_seg, bq), masks.block_ranges(kv_index, kv_seg, bk)
+    need = masks.block_pairs_needed(q_ranges, kv_ranges, causal, sliding_window)
+    full = masks.block_pairs_full(q_ranges, kv_ranges, masks.block_padded(q_seg, bq), masks.block_padded(kv_seg, bk),
+                                  causal, sliding_window)
+    return jnp.where(need & full, FULL, jnp.where(need, MASKED, SKIP)).astype(jnp.int32), need
 
 
 def _block_mask(qi_idx, qi_seg, kj_idx, kj_seg, causal, sliding_window):
@@ -128,6 +130,7 @@ def _forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal, sliding_windo
         def maybe_attend(j, carry):
             return lax.switch(kind[i, j], branches, j, carry)
 
+        # indexed by SKIP, MASKED, FULL
         branches = (lambda _, c: c, functools.partial(attend, True), functools.partial(attend, False))
 
         # the online-softmax state of what is already in the accumulators: max = lse, sum = 1, acc = out
@@ -208,6 +211,7 @@ def _backward(q, k, v, out, lse, dout, q_index, kv_index, q_seg, kv_seg, *, caus
         def skip(i, dk, dv):
             return jnp.zeros((B, bq, Hq, D), jnp.float32), dk, dv
 
+        # indexed by SKIP, MASKED, FULL
         branches = (skip, functools.partial(grad_pair, True), functools.partial(grad_pair, False))
 
         def maybe_grad(i, carry):
